@@ -12,7 +12,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bounds.attribution import integrated_gradients as _ig_core
+from bounds.attribution import logit_gradient
+
 from .errors import CertattrError, check_input
+
+
+def check_model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x must be a finite float batch (B, ...) matching the model's recorded input shape, if any."""
+    check_input(x)
+    if x.dim() < 2:
+        raise CertattrError(f"x must be a batch (B, C, H, W) or (B, n), got shape {tuple(x.shape)}")
+    spec = getattr(model, "certattr_spec", None) or {}
+    in_shape = spec.get("kwargs", {}).get("in_shape")
+    if in_shape is not None and tuple(x.shape[1:]) != tuple(in_shape):
+        raise CertattrError(f"x has shape {tuple(x.shape)} but the model takes (B, {', '.join(map(str, in_shape))})")
+    return x
 
 
 def resolve_target(model: nn.Module, x: torch.Tensor, target=None) -> torch.Tensor:
@@ -20,7 +35,13 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target=None) -> torch.Tens
     batch = x.shape[0]
     if target is None:
         with torch.no_grad():
-            return model(x).argmax(dim=1)
+            try:
+                logits = model(x)
+            except RuntimeError as exc:
+                raise CertattrError(f"the model cannot take x of shape {tuple(x.shape)}: {exc}") from None
+            if logits.dim() != 2 or logits.shape[0] != batch:
+                raise CertattrError(f"model must return (B, classes) logits, got shape {tuple(logits.shape)}")
+            return logits.argmax(dim=1)
     if isinstance(target, int):
         return torch.full((batch,), target, dtype=torch.long, device=x.device)
     target = torch.as_tensor(target, device=x.device).long().reshape(-1)
@@ -31,32 +52,25 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target=None) -> torch.Tens
     return target
 
 
-def _logit_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """d f_target / dx for the whole batch in one backward pass (samples are independent)."""
-    if not x.requires_grad:
-        x = x.detach().requires_grad_(True)
-    logits = model(x)
-    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-        raise CertattrError(f"model must return (B, classes) logits, got shape {tuple(logits.shape)}")
-    if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
-        raise CertattrError(f"target out of range for {logits.shape[1]} classes")
-    selected = logits.gather(1, target.view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(selected, x, create_graph=create_graph)
-    return grad
+def _checked_gradient(model, x, target, create_graph):
+    try:
+        return logit_gradient(model, x, target, create_graph)
+    except (ValueError, RuntimeError) as exc:
+        raise CertattrError(str(exc)) from None
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target=None, *, create_graph: bool = False) -> torch.Tensor:
     """Saliency g(x) = d f_y(x) / dx (signed; Simonyan et al. 2014)."""
-    check_input(x)
+    check_model_input(model, x)
     target = resolve_target(model, x, target)
-    return _logit_gradient(model, x, target, create_graph)
+    return _checked_gradient(model, x, target, create_graph)
 
 
 def grad_x_input(model: nn.Module, x: torch.Tensor, target=None, *, create_graph: bool = False) -> torch.Tensor:
     """Gradient x input g(x) = x * d f_y(x) / dx (Shrikumar et al. 2016)."""
-    check_input(x)
+    check_model_input(model, x)
     target = resolve_target(model, x, target)
-    return x * _logit_gradient(model, x, target, create_graph)
+    return x * _checked_gradient(model, x, target, create_graph)
 
 
 def integrated_gradients(
@@ -76,40 +90,14 @@ def integrated_gradients(
     ``chunk_size`` rows), so there is no per-sample loop.  Equals Captum's
     ``IntegratedGradients(method="riemann_right", n_steps=m)``.
     """
-    check_input(x)
+    check_model_input(model, x)
     if int(steps) < 1:
         raise CertattrError(f"steps must be >= 1, got {steps}")
-    steps = int(steps)
     target = resolve_target(model, x, target)
-    if baseline is None:
-        baseline = torch.zeros_like(x)
-    else:
+    if baseline is not None:
         baseline = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
-    batch = x.shape[0]
-    alphas = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device) / steps  # (m,)
-    diff = x - baseline
-    shape = (steps, batch) + tuple(x.shape[1:])
-    view = (steps, 1) + (1,) * (x.dim() - 1)
-    path = baseline.unsqueeze(0) + alphas.view(view) * diff.unsqueeze(0)  # (m, B, ...)
-    path = path.reshape((steps * batch,) + tuple(x.shape[1:]))
-    path_target = target.repeat(steps)
-    if not create_graph:
-        path = path.detach()
-    grads = []
-    for start in range(0, path.shape[0], max(1, int(chunk_size))):
-        chunk = path[start:start + chunk_size]
-        if not chunk.requires_grad:
-            chunk = chunk.requires_grad_(True)
-        grads.append(_logit_gradient_at(model, chunk, path_target[start:start + chunk_size], create_graph))
-    mean_grad = torch.cat(grads).reshape(shape).mean(dim=0)
-    return diff * mean_grad
-
-
-def _logit_gradient_at(model, points, target, create_graph):
-    logits = model(points)
-    selected = logits.gather(1, target.view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(selected, points, create_graph=create_graph)
-    return grad
+    return _ig_core(model, x, target, steps=int(steps), baseline=baseline, create_graph=create_graph,
+                    chunk_size=chunk_size)
 
 
 def smoothgrad(
@@ -124,7 +112,7 @@ def smoothgrad(
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): (1/n) sum_i saliency(x + N(0, sigma^2 I)), target fixed to
     the label of the clean x.  ``sigma`` is absolute (in input units); noise is drawn from ``seed``."""
-    check_input(x)
+    check_model_input(model, x)
     if sigma < 0 or int(n) < 1:
         raise CertattrError(f"smoothgrad needs sigma >= 0 and n >= 1, got sigma={sigma}, n={n}")
     target = resolve_target(model, x, target)
@@ -133,7 +121,7 @@ def smoothgrad(
     noisy = (x.unsqueeze(0) + noise).reshape((int(n) * x.shape[0],) + tuple(x.shape[1:]))
     if not create_graph:
         noisy = noisy.detach()
-    grad = _logit_gradient(model, noisy, target.repeat(int(n)), create_graph)
+    grad = _checked_gradient(model, noisy, target.repeat(int(n)), create_graph)
     return grad.reshape((int(n),) + tuple(x.shape)).mean(dim=0)
 
 

@@ -88,10 +88,11 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """Build a zoo model by name; ``kwargs``: in_shape, num_classes, activation, beta (and hidden for mlp)."""
     if name not in ZOO:
         raise CertattrError(f"unknown model {name!r}; choose from {', '.join(ZOO)}")
-    if "in_shape" in kwargs:
-        kwargs["in_shape"] = tuple(int(v) for v in kwargs["in_shape"])
-        if len(kwargs["in_shape"]) != 3:
-            raise CertattrError(f"in_shape must be (C, H, W), got {kwargs['in_shape']}")
+    kwargs.setdefault("in_shape", (1, 28, 28))
+    kwargs.setdefault("num_classes", 10)
+    kwargs["in_shape"] = tuple(int(v) for v in kwargs["in_shape"])
+    if len(kwargs["in_shape"]) != 3:
+        raise CertattrError(f"in_shape must be (C, H, W), got {kwargs['in_shape']}")
     try:
         model = ZOO[name](**kwargs)
     except TypeError as exc:
