@@ -251,7 +251,8 @@ def average_ranks(m: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
-    """Spearman rho of the flattened maps = Pearson correlation of their average ranks (scipy.stats.spearmanr).
+    """Spearman rho of the flattened maps = Pearson correlation of their average ranks
+    (exactly ``scipy.stats.spearmanr``; Spearman 1904).
 
     A constant map (zero rank variance) gives nan, like scipy.
     """
@@ -395,7 +396,8 @@ ON_MAPS = frozenset({"topk_intersection", "kendall", "spearman", "center_of_mass
                      "lens_recall", "lens_precision"})
 """Metrics that take maps (attribution_map of g); the others take raw attributions."""
 
-SIMILARITIES = frozenset({"cosine", "topk_intersection", "kendall", "spearman", "lens_recall", "lens_precision"})
+SIMILARITIES = frozenset({"cosine", "topk_intersection", "kendall", "spearman",
+                          "lens_recall", "lens_precision"})
 """Metrics where larger means more alike (the others are distances: 0 = identical)."""
 
 

@@ -288,7 +288,8 @@ def test_topk_div_runs_out_of_pixels():
 def test_dissimilarities_identical_and_consistent():
     g = _rand((4, 3, 8, 8), 23) - 0.5
     d = M.dissimilarities(g, g.clone(), k=10)
-    assert set(d) == {"euclidean", "cosine", "topk_intersection", "kendall", "spearman", "center_of_mass_shift"}
+    assert set(d) == {"euclidean", "cosine", "topk_intersection", "kendall", "spearman",
+                      "center_of_mass_shift"}
     assert torch.equal(d["euclidean"], torch.zeros(4, dtype=g.dtype))
     for key in ("cosine", "topk_intersection", "kendall", "spearman"):
         np.testing.assert_allclose(d[key].numpy(), 1.0, atol=1e-12)
