@@ -24,6 +24,7 @@ import platform
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,11 +132,13 @@ def _architecture_of(model: nn.Module, factory: str | None, factory_kwargs: Any)
         if not isinstance(spec, Mapping) or spec.get("name") not in ZOO:
             raise CertattrError(f"model.certattr_spec is not a zoo spec: {spec!r}")
         kwargs = dict(spec.get("kwargs") or {})
-        rebuilt = build_model(spec["name"], **kwargs)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left untouched
+            rebuilt = build_model(spec["name"], **kwargs)
         if repr(rebuilt) != repr(model):  # e.g. softplus_surrogate() of a ReLU zoo model
             raise CertattrError(
                 f"model no longer matches its certattr_spec {spec['name']!r} {kwargs} (layers were "
-                "changed after build_model); rebuild it with build_model(...) or pass factory='module:function'"
+                "changed after build_model); rebuild it with build_model(...) or pass "
+                "factory='module:function'"
             )
         return {"name": spec["name"], "kwargs": kwargs}
     previous = getattr(model, "certattr_checkpoint", None)
@@ -247,14 +250,16 @@ def load(
 
     if spec_file is not None:
         spec = _read_spec(spec_file)
-        weights = path if path.is_file() and path.suffix == ".safetensors" else spec_file.parent / WEIGHTS_FILE
+        is_weights = path.is_file() and path.suffix == ".safetensors"
+        weights = path if is_weights else spec_file.parent / WEIGHTS_FILE
         if not weights.is_file():
             raise CertattrError(f"checkpoint {spec_file.parent} has no {WEIGHTS_FILE}")
         state = _read_safetensors(weights, device)
         digest = sha256_file(weights)
         if digest != spec["sha256"]:
             raise CertattrError(
-                f"checkpoint weights do not match their recorded hash: {weights} has sha256 {digest[:12]}..., "
+                "checkpoint weights do not match their recorded hash: "
+                f"{weights} has sha256 {digest[:12]}..., "
                 f"{spec_file.name} records {spec['sha256'][:12]}..."
             )
         model = _build(spec["architecture"], factory, factory_kwargs, where=spec_file.parent)
@@ -308,7 +313,9 @@ def _device(map_location: Any) -> torch.device:
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError):
-        raise CertattrError(f"bad map_location {map_location!r}: use a device such as 'cpu' or 'cuda:0'") from None
+        raise CertattrError(
+            f"bad map_location {map_location!r}: use a device such as 'cpu' or 'cuda:0'"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CertattrError(f"map_location {map_location!r} requested but CUDA is not available")
     return device
@@ -343,7 +350,8 @@ def _read_spec(spec_file: Path) -> dict:
         raise CertattrError(f"corrupt checkpoint spec {spec_file}: bad format_version {version!r}")
     if version > FORMAT_VERSION:
         raise CertattrError(
-            f"{spec_file} has format_version {version}; this certattr reads up to {FORMAT_VERSION} (upgrade certattr)"
+            f"{spec_file} has format_version {version}; this certattr reads up to "
+            f"{FORMAT_VERSION} (upgrade certattr)"
         )
     arch = spec.get("architecture")
     if not isinstance(arch, dict) or not ("name" in arch or "factory" in arch):
@@ -368,20 +376,24 @@ def _read_safetensors(file: Path, device: torch.device) -> dict[str, torch.Tenso
 
 def _torch_load(file: Path, device: torch.device) -> Any:
     try:
-        return torch.load(file, weights_only=True, map_location=device)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(file, weights_only=True, map_location=device)
     except pickle.UnpicklingError as exc:
         raise CertattrError(f"refusing to unpickle {file}: {_unpickle_reason(exc)} (weights_only)") from None
     except OSError as exc:
         if exc.strerror and exc.filename:  # a real I/O error on the file
             raise CertattrError(f"cannot read {file}: {exc.strerror}") from None
-        raise CertattrError(f"corrupt or truncated torch file {file}: {exc}") from None
+        raise CertattrError(f"corrupt or truncated torch file {file}: OSError: {exc}") from None
     except Exception as exc:  # RuntimeError (bad zip), EOFError, KeyError, ...: not a readable torch file
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         raise CertattrError(f"corrupt or truncated torch file {file}: {detail}") from None
 
 
 def _unpickle_reason(exc: BaseException) -> str:
-    """The short cause inside torch's long weights_only message (e.g. 'Unsupported global: GLOBAL os.system')."""
+    """The short cause inside torch's long weights_only message, e.g. 'Unsupported global: GLOBAL
+    posix.system'."""
     inner = exc.__cause__ or exc.__context__
     text = str(inner) if isinstance(inner, pickle.UnpicklingError) and str(inner) else str(exc)
     if "WeightsUnpickler error:" in text:
@@ -389,7 +401,7 @@ def _unpickle_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = lines[0] if lines else "not a plain state_dict"
     reason = reason.split(" was not an allowed global", 1)[0]
-    return f"it holds objects other than tensors and plain containers ({reason[:200]})"
+    return f"only tensors and plain containers are allowed ({reason[:200]})"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -427,10 +439,14 @@ def _import_factory(factory: str):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise CertattrError(f"cannot import factory module {module_name!r}: no module named {exc.name!r}") from None
+            raise CertattrError(
+                f"cannot import factory module {module_name!r}: no module named {exc.name!r}"
+            ) from None
         raise CertattrError(f"importing factory module {module_name!r} failed: {exc}") from exc
     except Exception as exc:
-        raise CertattrError(f"importing factory module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise CertattrError(
+            f"importing factory module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -444,7 +460,8 @@ def _import_factory(factory: str):
 def _call_factory(factory: str, kwargs: Mapping[str, Any]) -> nn.Module:
     fn = _import_factory(factory)
     try:
-        model = fn(**kwargs)
+        with torch.random.fork_rng(devices=[]):  # weight init must not shift the caller's RNG
+            model = fn(**kwargs)
     except CertattrError:
         raise
     except Exception as exc:
@@ -464,7 +481,8 @@ def _build(arch: dict, factory: str | None, factory_kwargs: dict, *, where: Path
         raise CertattrError(f"factory keyword arguments {sorted(factory_kwargs)} given without factory=")
     if "name" in arch:
         try:
-            return build_model(arch["name"], **kwargs)
+            with torch.random.fork_rng(devices=[]):
+                return build_model(arch["name"], **kwargs)
         except CertattrError as exc:
             raise CertattrError(f"checkpoint {where}: {exc}") from None
     raise CertattrError(
@@ -473,7 +491,9 @@ def _build(arch: dict, factory: str | None, factory_kwargs: dict, *, where: Path
     )
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device, *, source: Path) -> None:
+def _load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device, *, source: Path
+) -> None:
     """Strict load with one clear error naming the first key that does not fit."""
     expected = model.state_dict()
     what = f"weights in {source} do not fit the {type(model).__name__} architecture"

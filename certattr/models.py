@@ -115,7 +115,11 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     if beta <= 0:
         raise CertattrError(f"surrogate beta must be > 0, got {beta}")
     surrogate = copy.deepcopy(model)
-    _replace_relu(surrogate, float(beta))  # a net without ReLU (softplus/tanh) is its own surrogate
+    replaced = _replace_relu(surrogate, float(beta))  # a net without ReLU (softplus/tanh) is its own surrogate
+    spec = getattr(surrogate, "certattr_spec", None)
+    if replaced and spec is not None:  # keep the spec true to the layers, so checkpoints rebuild it
+        surrogate.certattr_spec = {"name": spec["name"],
+                                   "kwargs": {**spec["kwargs"], "activation": "softplus", "beta": float(beta)}}
     return surrogate
 
 
