@@ -20,9 +20,11 @@ _LAZY = {
     "practical_bound": "bounds.practical",
     "certified_bound": "bounds.certified",
     "smoothed_certificate": "bounds.smoothed",
+    "SmoothedResult": "bounds.smoothed",
 }
 
-__all__ = ["practical_bound", "certified_bound", "smoothed_certificate", "BoundResult", "tangent_cosine"]
+__all__ = ["practical_bound", "certified_bound", "smoothed_certificate", "BoundResult", "SmoothedResult",
+           "tangent_cosine"]
 
 
 def __getattr__(name: str):
