@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CertattrError
-from .losses import default_hparams, get_loss
+from .losses import default_hparams, get_loss, validate_hparams
 
 STATE_FILE = "train_state.pt"
 LAST_DIR = "last"
@@ -88,9 +88,10 @@ def fit(
     loss_fn = get_loss(method)
     hp = default_hparams(method, dataset)
     hp.update(hparams or {})
+    x_train, y_train = train
+    hp = validate_hparams(method, hp, in_shape=tuple(x_train.shape[1:]))
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise CertattrError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
-    x_train, y_train = train
     if x_train.shape[0] != y_train.shape[0]:
         raise CertattrError(f"{x_train.shape[0]} training images but {y_train.shape[0]} labels")
     device = torch.device(device)
