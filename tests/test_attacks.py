@@ -305,7 +305,9 @@ def test_protocol_keeps_lowest_kendall_run_of_correct_points():
     out = evaluate_attribution_robustness(model, x, y, runs=3, seed=4, batch_size=4, **kw)
     assert out.indices.tolist() == list(range(3, 10))
     assert out.accuracy == pytest.approx(0.7)
-    runs = [ifia(model, x[3:], seed=4 + r, target=y[3:], **kw) for r in range(3)]
+    runs = [ifia(model, x[3:], seed=4 + r, target=y[3:], **kw, **({"random_start": True} if r else {}))
+            for r in range(3)]
+    assert not torch.equal(runs[0].x_adv, runs[1].x_adv)  # later runs explore other starts
     taus = torch.stack([r.kendall for r in runs])
     best = taus.argmin(0)
     torch.testing.assert_close(out.kendall.float(), taus.min(0).values.float())

@@ -59,7 +59,8 @@ def evaluate_attribution_robustness(
 
     ``attack(model, x, seed=..., target=..., **attack_kwargs) -> AttackResult``; default
     :func:`certattr.attacks.ifia` (``attack_kwargs``: eps, norm, kind, k, steps, ...; kind "topk"
-    unless given).  Run r uses seed ``seed + r``.  Attribution and label are those of the true label
+    unless given).  Run r uses seed ``seed + r``; IFIA runs after the first start at random points of
+    the ball (the first starts at x).  Attribution and label are those of the true label
     (= the prediction, since only correct points are attacked).  Kendall ties (nan, constant maps)
     count as worse than any number when choosing the run, and are skipped by the mean.
     """
@@ -84,9 +85,14 @@ def evaluate_attribution_robustness(
     kept = torch.zeros(indices.numel(), dtype=torch.bool, device=x.device)
     x_adv = x[indices].clone()
     for r in range(runs):
+        run_kwargs = dict(attack_kwargs)
+        if attack is ifia and r > 0:
+            # IFIA's first restart starts at x (deterministic); later runs start at random points of the
+            # ball, otherwise every run would repeat the first one.
+            run_kwargs.setdefault("random_start", True)
         for start in range(0, indices.numel(), batch_size):
             sel = indices[start:start + batch_size]
-            res = attack(model, x[sel], seed=int(seed) + r, target=y[sel], **attack_kwargs)
+            res = attack(model, x[sel], seed=int(seed) + r, target=y[sel], **run_kwargs)
             tau = torch.nan_to_num(res.kendall.to(torch.float64), nan=float("inf"))
             part = slice(start, start + sel.numel())
             better = (tau < best_tau[part]) | (best_run[part] < 0)
