@@ -25,10 +25,18 @@ A campaign is the grid  checkpoints x samples[start:start+n] x attributions x no
     label = "ifia-topk"         # optional; the method name stored in the results (unique)
     restarts = 2                # each restart is its own row (and work unit), seeded apart
     params = { kind = "topk", k = 100, steps = 20, step_size = 0.01 }
+    # step_size_rel = 0.25      # instead of step_size: step = 0.25 * eps at every eps of the grid
 
     [[bounds]]
     kind = "certified"          # practical | certified | smoothed
     params = { method = "crown" }
+
+``params`` are keyword arguments of the attack / bound function (``certattr.attacks.ifia``,
+``deviation_attack``, ``pgd``; ``bounds.practical_bound``, ``certified_bound``,
+``smoothed_certificate``): the common ones are type-checked here, any other keyword the function takes
+is passed through, anything else is an error.  The campaign sets model, x, eps, norm, attribution,
+target (the clean prediction), domain, restarts and seed itself.  The smoothed certificate is an l2
+certificate: on an l_inf grid it is evaluated at the l2 radius eps * sqrt(n) (B_inf is inside it).
 
 Checkpoints are paths (relative ones are resolved against the spec file's folder) or
 ``zoo:MODEL@DATASET:RECIPE`` references, trained on first use and cached (see
@@ -78,12 +86,14 @@ def _choice(*options):
     return (str, lambda v: v in options, "one of " + ", ".join(options))
 
 
+# step_size_rel (campaign-level, not passed through): step_size = step_size_rel * eps for each eps
 ATTACK_PARAMS: dict[str, dict[str, tuple]] = {
     "ifia": {"kind": _choice("topk", "mass_center", "random", "targeted"), "k": _POS_INT,
-             "steps": _POS_INT, "step_size": _POS_FLOAT, "surrogate_beta": _POS_FLOAT},
+             "steps": _POS_INT, "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT,
+             "surrogate_beta": _POS_FLOAT},
     "deviation": {"objective": _choice("euclidean", "cosine"), "steps": _POS_INT,
-                  "step_size": _POS_FLOAT, "k": _POS_INT, "surrogate_beta": _POS_FLOAT},
-    "pgd": {"steps": _POS_INT, "step_size": _POS_FLOAT},
+                  "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT, "k": _POS_INT},
+    "pgd": {"steps": _POS_INT, "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT},
 }
 BOUND_PARAMS: dict[str, dict[str, tuple]] = {
     "practical": {"surrogate_beta": _POS_FLOAT},
@@ -316,8 +326,13 @@ def _method(table, family: str, index: int) -> MethodSpec:
         elif not _accepts_keyword(family, name, key):
             raise CertattrError(f"campaign spec: {pkey}: unknown parameter {key!r} for {family} {name!r}; "
                                 f"known: {', '.join(sorted(known[name]))}")
-        elif not isinstance(value, (int, float, str, bool)):
-            raise CertattrError(f"campaign spec: {pkey} must be a number, string or boolean")
+        elif not _scalar_or_list(value):
+            raise CertattrError(f"campaign spec: {pkey} must be a number, string, boolean or a list of them")
+    if "step_size" in params and "step_size_rel" in params:
+        raise CertattrError(f"campaign spec: {where}.params: give step_size or step_size_rel, not both")
+    if family == "attack" and name == "ifia" and params.get("kind") == "targeted":
+        raise CertattrError(f"campaign spec: {where}.params.kind: targeted IFIA needs a per-image mask, "
+                            "which a campaign cannot give; use topk, mass_center or random")
     label = table.get("label")
     if label is None:
         label = _default_label(family, name, params)
@@ -325,6 +340,11 @@ def _method(table, family: str, index: int) -> MethodSpec:
     if not label or any(c.isspace() for c in label):
         raise CertattrError(f"campaign spec: {where}.label must be a non-empty word, got {label!r}")
     return MethodSpec(family=family, name=name, label=label, restarts=restarts, params=params)
+
+
+def _scalar_or_list(value) -> bool:
+    scalar = (int, float, str, bool)
+    return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
 
 
 def _default_label(family: str, name: str, params: dict) -> str:
