@@ -13,8 +13,11 @@ It also adds the linear relaxation that 0.3 lacks for ``Softplus`` (ONNX ``Softp
 torch exports ``nn.Softplus(beta)`` as ``Div(Softplus(Mul(x, beta)), beta)``): softplus is
 convex, so on [l, u] the chord lies above it and the tangent at the midpoint below it.
 
-A newer auto_LiRPA (>= 0.4, installed from git) is imported as it is.  Tested on torch 2.2 - 2.13.
+For speed it also computes 0.3's tanh/sigmoid tangent tables once per process (0.3 recomputes them,
+5-15 s, for every Tanh/Sigmoid node).  A newer auto_LiRPA (>= 0.4, installed from git) is imported
+as it is.  Tested on torch 2.2 - 2.13.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -51,7 +54,8 @@ def _needs_patches(version: str | None) -> bool:
 
 
 def _patch_torch_and_numpy() -> None:
-    import torch.onnx.symbolic_helper as symbolic_helper
+    # the module itself (torch.onnx's attribute of that name is not always the same object)
+    symbolic_helper = importlib.import_module("torch.onnx.symbolic_helper")
 
     if not hasattr(symbolic_helper, "_set_opset_version"):
         try:
@@ -66,6 +70,7 @@ def _patch_torch_and_numpy() -> None:
 
     node_cls = torch._C.Node
     if not hasattr(node_cls, "__getitem__"):
+
         def _node_getitem(node, name: str):
             # kindOf returns the accessor's name: "f", "fs", "i", "is", "s", "ss", "t", "ts", "g", ...
             return getattr(node, node.kindOf(name))(name)
@@ -120,6 +125,178 @@ def _softplus_relaxation(auto_lirpa) -> None:
     cls._certattr_relaxation = True
 
 
+def _tangent_tables(func, dfunc, step: float, count: int, device, iters: int = 40):
+    """Tangent points for the S-shaped relaxations (tanh, sigmoid), for the grid u_i = i * step:
+
+    lower[i] <= 0: the point nearest 0 whose tangent lies below f at u_i (then below f on [l, u_i]
+    for any l <= 0: f is convex left of 0, concave right of it);  upper[i] >= 0: the mirror image, a
+    tangent above f at -u_i.  Bisection that keeps the valid end point (checked in the working dtype)."""
+    u = step * torch.arange(count, device=device)
+    f_u, f_mu = func(u), func(-u)
+
+    def below(d):
+        return dfunc(d) * (u - d) + func(d) <= f_u
+
+    def above(d):
+        return dfunc(d) * (-u - d) + func(d) >= f_mu
+
+    valid = -torch.ones_like(u)
+    while True:
+        ok = below(valid)
+        if bool(ok.all()):
+            break
+        valid = torch.where(ok, valid, 2 * valid)
+    invalid = torch.zeros_like(u)
+    for _ in range(iters):
+        mid = (valid + invalid) / 2
+        ok = below(mid)
+        valid, invalid = torch.where(ok, mid, valid), torch.where(ok, invalid, mid)
+    lower = valid
+    valid = torch.ones_like(u)
+    while True:
+        ok = above(valid)
+        if bool(ok.all()):
+            break
+        valid = torch.where(ok, valid, 2 * valid)
+    invalid = torch.zeros_like(u)
+    for _ in range(iters):
+        mid = (valid + invalid) / 2
+        ok = above(mid)
+        valid, invalid = torch.where(ok, mid, valid), torch.where(ok, invalid, mid)
+    return lower, valid
+
+
+def _cache_s_shaped_tables(auto_lirpa) -> None:
+    """0.3 recomputes the tangent tables of tanh / sigmoid (50,000 points, 100 bisection steps: 5-15 s
+    on a CPU) for *every* Tanh/Sigmoid node it builds.  The tables depend only on the function:
+    compute them once per (function, limit, device), with 40 bisection steps (the kept end point is
+    valid after any number of steps; 40 halvings already reach float32 resolution), and share them."""
+    from auto_LiRPA.operators import activation
+
+    cls = activation.BoundTanh
+    if getattr(cls.precompute_relaxation, "_certattr_patched", False):
+        return
+    cache: dict[tuple, tuple] = {}
+
+    @torch.no_grad()
+    def precompute_relaxation(self, name, func, dfunc, x_limit=500):
+        device = getattr(self, "device", None)
+        key = (name, float(x_limit), str(device))
+        if key not in cache:
+            step = 0.01
+            count = int(x_limit / step) + 5
+            lower, upper = _tangent_tables(func, dfunc, step, count, device)
+            cache[key] = (x_limit, step, int(x_limit / step), lower, upper)
+        self.x_limit, self.step_pre, self.num_points_pre, self.d_lower, self.d_upper = cache[key]
+
+    precompute_relaxation._certattr_patched = True
+    cls.precompute_relaxation = precompute_relaxation
+
+
+def custom_ops() -> dict:
+    """auto_LiRPA Bound classes of certattr's own ONNX ops (``certattr::ConvAdjoint``,
+    ``certattr::Product``), registered with auto_LiRPA on import; also accepted as
+    ``BoundedModule(..., custom_ops=custom_ops())``."""
+    import_auto_lirpa()
+    return _state["custom_ops"]
+
+
+def _build_custom_ops() -> dict:
+    import torch.nn.functional as F
+    from auto_LiRPA.operators.base import Bound
+
+    class BoundConvAdjoint(Bound):
+        """y = conv_transpose2d(v, W, stride, padding, output_padding, dilation) (W constant).
+
+        Backward (CROWN): the coefficients of y map to those of v by the conv2d adjoint; interval:
+        midpoint-radius form with |W|.  Coefficient matrices only (auto_LiRPA's matrix conv mode)."""
+
+        def __init__(self, attr, inputs, output_index, options):
+            super().__init__(attr, inputs, output_index, options)
+            self.stride = tuple(attr["stride"])
+            self.padding = tuple(attr["padding"])
+            self.output_padding = tuple(attr["output_padding"])
+            self.dilation = tuple(attr["dilation"])
+
+        def forward(self, v, w):
+            return F.conv_transpose2d(
+                v, w, None, self.stride, self.padding, self.output_padding, 1, self.dilation
+            )
+
+        def bound_backward(self, last_lA, last_uA, v, w):
+            if self.is_input_perturbed(1):
+                raise NotImplementedError("ConvAdjoint with a perturbed weight")
+            weight = w.lower
+
+            def one(a):
+                if a is None:
+                    return None
+                if not isinstance(a, torch.Tensor):
+                    raise NotImplementedError("ConvAdjoint supports auto_LiRPA's matrix mode only")
+                shape = a.shape
+                out = F.conv2d(
+                    a.reshape(shape[0] * shape[1], *shape[2:]),
+                    weight,
+                    None,
+                    self.stride,
+                    self.padding,
+                    self.dilation,
+                )
+                return out.view(shape[0], shape[1], *out.shape[1:])
+
+            return [(one(last_lA), one(last_uA)), (None, None)], 0, 0
+
+        def interval_propagate(self, *v):
+            (lo, hi), (w, _) = v[0], v[1]
+            mid, rad = (hi + lo) / 2, (hi - lo) / 2
+            c = self.forward(mid, w)
+            r = F.conv_transpose2d(
+                rad, w.abs(), None, self.stride, self.padding, self.output_padding, 1, self.dilation
+            )
+            return c - r, c + r
+
+    from auto_LiRPA.operators.bivariate import BoundMul
+
+    class BoundProduct(BoundMul):
+        """a * b, both perturbed, equal shapes.  McCormick planes as BoundMul (Wong et al.):
+        a b >= l_b a + l_a b - l_a l_b  and  a b <= u_b a + l_a b - l_a u_b;  the backward pass
+        writes them as A a_p + min(A, 0) (a_n - a_p) to touch the coefficients fewer times."""
+
+        def __init__(self, attr, inputs, output_index, options):
+            super().__init__(attr, inputs, output_index, options)
+            self.is_constant_op = False
+            self.requires_input_bounds = [0, 1]
+
+        def bound_backward(self, last_lA, last_uA, x, y):
+            if not all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA)):
+                return super().bound_backward(last_lA, last_uA, x, y)
+            xl, yl, yu = x.lower, y.lower, y.upper
+            batch = xl.shape[0]
+
+            def side(a, lower: bool):
+                if a is None:
+                    return None, None, 0
+                # the plane used where A >= 0 (p) and where A < 0 (n)
+                c_lo, c_hi = yl, yu
+                g_lo, g_hi = -xl * yl, -xl * yu
+                cp, cn, gp, gn = (c_lo, c_hi, g_lo, g_hi) if lower else (c_hi, c_lo, g_hi, g_lo)
+                neg = a.clamp(max=0)
+                a_x = a * cp + neg * (cn - cp)
+                a_y = a * xl
+                s = a.shape[0]
+                bias = torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), gp.reshape(batch, -1))
+                bias = bias + torch.einsum(
+                    "sbn,bn->sb", neg.reshape(s, batch, -1), (gn - gp).reshape(batch, -1)
+                )
+                return a_x, a_y, bias
+
+            lx, ly, lbias = side(last_lA, True)
+            ux, uy, ubias = side(last_uA, False)
+            return [(lx, ux), (ly, uy)], lbias, ubias
+
+    return {"certattr::ConvAdjoint": BoundConvAdjoint, "certattr::Product": BoundProduct}
+
+
 def import_auto_lirpa():
     """Import auto_LiRPA, restoring what 0.3 misses on current torch/numpy (only when missing).
 
@@ -142,5 +319,12 @@ def import_auto_lirpa():
     if patch and _needs_patches(str(getattr(auto_lirpa, "__version__", version or _PATCHED_VERSION))):
         _patch_bounded_module(auto_lirpa)
         _softplus_relaxation(auto_lirpa)
+        _cache_s_shaped_tables(auto_lirpa)
+    ops = _build_custom_ops()
+    register = getattr(auto_lirpa, "register_custom_op", None)
+    if register is not None:
+        for name, cls in ops.items():
+            register(name, cls)
+    _state["custom_ops"] = ops
     _state["module"] = auto_lirpa
     return auto_lirpa
