@@ -23,8 +23,14 @@ _LAZY = {
     "SmoothedResult": "bounds.smoothed",
 }
 
-__all__ = ["practical_bound", "certified_bound", "smoothed_certificate", "BoundResult", "SmoothedResult",
-           "tangent_cosine"]
+__all__ = [
+    "BoundResult",
+    "SmoothedResult",
+    "certified_bound",
+    "practical_bound",
+    "smoothed_certificate",
+    "tangent_cosine",
+]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,6 @@ Exact ties (ReLU input 0, equal max-pool entries) follow autograd: relu'(0) = 0,
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections import OrderedDict
@@ -31,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import NAMES
 from .attribution import attribution as compute_attribution
+from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
 from .gradgraph import Act, Chain, ForwardNet, GradNet, MaxPool, check_chain, parse_chain
 from .interval import Box, factor_boxes, forward_bounds, gradient_box, mul
 from .lirpa_compat import custom_ops, import_auto_lirpa
@@ -108,42 +107,17 @@ class CertifiedResult(BoundResult):
 # ----------------------------------------------------------------------------------------------
 # input checks
 # ----------------------------------------------------------------------------------------------
-def _check_norm(norm) -> str:
-    key = str(norm).lower().strip()
-    key = key.removeprefix("l")
-    if key in ("2", "2.0"):
-        return "2"
-    if key in ("inf", "infty", "infinity") or (isinstance(norm, float) and math.isinf(norm)):
-        return "inf"
-    raise ValueError(f"unknown norm {norm!r}: use 2 or 'inf'")
-
-
 def _check_args(model, x, eps, norm, attribution, method, domain, ig_steps):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
-    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
-        raise ValueError("x must be a floating-point torch.Tensor of shape (B, ...)")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have a batch dimension and at least one sample, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number, got {eps!r}") from None
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    norm = _check_norm(norm)
-    if attribution == "integrated_gradients":
-        attribution = "ig"
-    if attribution not in NAMES:
-        raise ValueError(f"unknown attribution {attribution!r}; choose from {', '.join(NAMES)}")
+    check_x(x)
+    eps = check_eps(eps)
+    norm = check_norm(norm)
+    attribution = check_attribution(attribution)
     method = str(method).lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    lo, hi = float(domain[0]), float(domain[1])
-    if not lo < hi:
-        raise ValueError(f"domain must be (lo, hi) with lo < hi, got {domain!r}")
+    lo, hi = check_domain(domain)
     if (x < lo - 1e-6).any() or (x > hi + 1e-6).any():
         raise ValueError(f"x lies outside the domain [{lo}, {hi}]")
     steps = int(ig_steps)

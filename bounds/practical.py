@@ -42,71 +42,16 @@ from torch import nn
 
 from . import linalg
 from .attribution import attribution as compute_attribution
+from .checks import ATTRIBUTIONS, check_attribution, check_norm
+from .checks import check_domain as _check_domain
+from .checks import check_eps as _check_eps
+from .checks import check_x as _check_x
 from .result import BoundResult, tangent_cosine
 
-ATTRIBUTIONS = ("saliency", "grad_x_input", "ig")
 LINF_METHODS = ("auto", "sqrt_n", "columns", "sdp", "dual")
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-def _check_x(x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
-        raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf")
-    return x
-
-
-def _check_eps(eps) -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number, got {eps!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return value
-
-
-def check_norm(norm) -> str:
-    """2 | "2" | "l2" -> "2";  inf | "inf" | "linf" -> "inf"; anything else is a ValueError."""
-    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
-        if norm == 2:
-            return "2"
-        if norm == float("inf"):
-            return "inf"
-        raise ValueError(f"unknown norm {norm!r}: use 2 or 'inf'")
-    key = str(norm).strip().lower()
-    key = key.removeprefix("l")
-    if key == "2":
-        return "2"
-    if key in ("inf", "infty", "infinity"):
-        return "inf"
-    raise ValueError(f"unknown norm {norm!r}: use 2 or 'inf'")
-
-
-def check_attribution(name) -> str:
-    key = "ig" if name == "integrated_gradients" else name
-    if key not in ATTRIBUTIONS:
-        raise ValueError(f"unknown attribution {name!r}; choose from {', '.join(ATTRIBUTIONS)}")
-    return key
-
-
-def _check_domain(domain) -> tuple[float, float] | None:
-    if domain is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in domain)
-    except (TypeError, ValueError):
-        raise ValueError(f"domain must be None or a pair (lo, hi), got {domain!r}") from None
-    if not lo < hi:
-        raise ValueError(f"domain needs lo < hi, got {domain!r}")
-    return lo, hi
 
 
 def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ All functions share the signature ``(model, x, target=None, *, create_graph=Fals
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -30,16 +30,16 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import CertattrError
 
-__all__ = ["DATASETS", "SPLITS", "load_dataset", "dataset_info", "subset", "cache_dir"]
+__all__ = ["DATASETS", "SPLITS", "cache_dir", "dataset_info", "load_dataset", "subset"]
 
 SPLITS = ("train", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

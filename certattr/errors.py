@@ -5,9 +5,9 @@ names the bad value; the CLI prints that one line and exits non-zero.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from bounds import checks as _bounds_checks
 
 
 class CertattrError(ValueError):
@@ -34,22 +34,17 @@ def check_input(x: torch.Tensor, *, name: str = "x", ndim: int | tuple[int, ...]
 def check_eps(eps: float, *, name: str = "eps") -> float:
     """A perturbation radius: a finite number >= 0."""
     try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise CertattrError(f"{name} must be a number, got {eps!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise CertattrError(f"{name} must be a finite number >= 0, got {eps!r}")
-    return value
+        return _bounds_checks.check_eps(eps)
+    except ValueError as exc:
+        raise CertattrError(str(exc).replace("eps", name, 1)) from None
 
 
 def check_norm(norm) -> str:
-    """Normalise a norm spelling to "2" or "inf"; anything else is an error."""
-    key = str(norm).lower().lstrip("l")
-    if key in ("2",):
-        return "2"
-    if key in ("inf", "infty", "linf"):
-        return "inf"
-    raise CertattrError(f"unknown norm {norm!r}: use 2 or 'inf'")
+    """Normalise a norm spelling (2, "l2", "inf", "linf", float("inf")) to "2" or "inf"."""
+    try:
+        return _bounds_checks.check_norm(norm)
+    except ValueError as exc:
+        raise CertattrError(str(exc)) from None
 
 
 def check_choice(value: str, choices, *, what: str) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,26 +29,26 @@ from .attributions import attribution_map
 from .errors import CertattrError, check_input
 
 __all__ = [
-    "euclidean",
-    "cosine_similarity",
-    "cosine_distance",
-    "topk_indices",
-    "topk_mask",
-    "topk_intersection",
-    "kendall_tau",
-    "spearman",
-    "average_ranks",
-    "center_of_mass",
-    "center_of_mass_shift",
-    "window_dilate",
-    "lens_recall",
-    "lens_precision",
-    "topk_div",
-    "dissimilarities",
     "METRICS",
     "ON_MAPS",
     "SIMILARITIES",
+    "average_ranks",
+    "center_of_mass",
+    "center_of_mass_shift",
+    "cosine_distance",
+    "cosine_similarity",
+    "dissimilarities",
+    "euclidean",
     "get_metric",
+    "kendall_tau",
+    "lens_precision",
+    "lens_recall",
+    "spearman",
+    "topk_div",
+    "topk_indices",
+    "topk_intersection",
+    "topk_mask",
+    "window_dilate",
 ]
 
 # --------------------------------------------------------------------------- validation helpers

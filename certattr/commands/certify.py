@@ -16,6 +16,7 @@ import sys
 import time
 
 from ._common import add_device, add_seed, resolve_device
+from ._common import tsv_field as _fmt
 
 BOUNDS = ("practical", "certified", "smoothed")
 COLUMNS = [
@@ -74,14 +75,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_seed(p)
     add_device(p)
     p.set_defaults(func=run)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _check_args(args) -> None:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Re-runs every benchmark quoted in the README; outputs go to benchmarks/results/*.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p benchmarks/results
+run() { local name="$1"; shift; echo "== $name: $*"; { date -u; "$@"; } > "benchmarks/results/$name.txt" 2>&1; tail -3 "benchmarks/results/$name.txt"; }
+run practical python benchmarks/bench_practical.py
+run certified python benchmarks/bench_certified.py
+run attacks   python benchmarks/bench_attacks.py
+run campaign  python benchmarks/bench_campaign.py
+run trainers  python benchmarks/bench_trainers.py --out benchmarks/results/trainers.md
+run train     python benchmarks/bench_train.py --models cnn-small --epochs 3
