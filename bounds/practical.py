@@ -42,7 +42,7 @@ from torch import nn
 
 from . import linalg
 from .attribution import attribution as compute_attribution
-from .checks import ATTRIBUTIONS, check_attribution, check_norm
+from .checks import check_attribution, check_norm
 from .checks import check_domain as _check_domain
 from .checks import check_eps as _check_eps
 from .checks import check_x as _check_x

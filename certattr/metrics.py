@@ -331,7 +331,7 @@ def topk_div(m: torch.Tensor, k: int, w: int = 3) -> torch.Tensor:
     CertattrError names k, w and how many picks were possible (no padding).
     """
     m = _check_map(m, grid=True)
-    batch, h, wd = m.shape
+    _, h, wd = m.shape
     k = _check_k(k, h * wd)
     w = _check_w(w)
     offsets = torch.arange(-(w // 2), w // 2 + 1, device=m.device)

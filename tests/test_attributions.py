@@ -3,8 +3,14 @@ import pytest
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 
-from certattr.attributions import (attribution_map, get_attribution, grad_x_input, integrated_gradients,
-                                   saliency, smoothgrad)
+from certattr.attributions import (
+    attribution_map,
+    get_attribution,
+    grad_x_input,
+    integrated_gradients,
+    saliency,
+    smoothgrad,
+)
 from certattr.errors import CertattrError
 from certattr.models import build_model, softplus_surrogate
 
