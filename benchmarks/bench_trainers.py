@@ -36,18 +36,7 @@ from certattr.train import fit
 from certattr.train.evaluate import evaluate
 from certattr.train.losses import LOSSES, default_hparams
 
-METHODS = [
-    "natural",
-    "pgd-at",
-    "trades",
-    "ig-norm",
-    "ig-sum-norm",
-    "art",
-    "far-aat",
-    "far-advaat",
-    "sarkar",
-    "igr",
-]
+METHODS = list(LOSSES)  # every registered method, in registration order
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -140,30 +140,24 @@ def _tangent_tables(func, dfunc, step: float, count: int, device, iters: int = 4
     def above(d):
         return dfunc(d) * (-u - d) + func(d) >= f_mu
 
-    valid = -torch.ones_like(u)
+    return _bisect_valid(below, -torch.ones_like(u), iters), _bisect_valid(above, torch.ones_like(u), iters)
+
+
+def _bisect_valid(ok_at, start: torch.Tensor, iters: int) -> torch.Tensor:
+    """Per entry, the point nearest 0 on the side of ``start`` where ``ok_at`` holds: double ``start``
+    until it holds everywhere, then bisect between it and 0 keeping the end where it holds."""
+    valid = start
     while True:
-        ok = below(valid)
+        ok = ok_at(valid)
         if bool(ok.all()):
             break
         valid = torch.where(ok, valid, 2 * valid)
-    invalid = torch.zeros_like(u)
+    invalid = torch.zeros_like(start)
     for _ in range(iters):
         mid = (valid + invalid) / 2
-        ok = below(mid)
+        ok = ok_at(mid)
         valid, invalid = torch.where(ok, mid, valid), torch.where(ok, invalid, mid)
-    lower = valid
-    valid = torch.ones_like(u)
-    while True:
-        ok = above(valid)
-        if bool(ok.all()):
-            break
-        valid = torch.where(ok, valid, 2 * valid)
-    invalid = torch.zeros_like(u)
-    for _ in range(iters):
-        mid = (valid + invalid) / 2
-        ok = above(mid)
-        valid, invalid = torch.where(ok, mid, valid), torch.where(ok, invalid, mid)
-    return lower, valid
+    return valid
 
 
 def _cache_s_shaped_tables(auto_lirpa) -> None:
