@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     from bounds import certified_bound
-    from bounds.certified import _margin_spec
+    from bounds.crown import margin_spec as _margin_spec
     from bounds.lirpa_compat import import_auto_lirpa
     from certattr.data import load_dataset
     from certattr.models import build_model

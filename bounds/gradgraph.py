@@ -18,6 +18,7 @@ BatchNorm1d/2d (eval; folded into the preceding affine layer), plus the no-ops I
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,9 @@ class Affine:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    # |bias| before folding cancelled its parts (|b| |scale| + |mean scale| + |beta| for a folded
+    # BatchNorm): the magnitude that the model's float evaluation rounds (``floatsafe``)
+    bias_magnitude: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
@@ -185,11 +189,11 @@ class Chain:
     def leaf_values(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the user's own modules in order and return the value after each op (exact, not folded)."""
         outs, h, j = [], x, 0
-        for op_index, end in enumerate(self.leaf_end):
+        for end in self.leaf_end:
             while j <= end:
                 h = self.leaves[j](h)
                 j += 1
-            outs.append(h)
+            outs.append(h.clone())  # an inplace layer (ReLU(inplace=True)) must not overwrite it
         return outs
 
 
@@ -254,34 +258,77 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return _pair(pad)
 
 
-def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _abs(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.abs()
+
+
+def _bn_scale_shift(bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as z * scale + shift (computed in ``dtype``), and |mean scale| + |beta|."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{type(bn).__name__} without running statistics (track_running_stats=False) is not supported"
         )
-    scale = 1.0 / torch.sqrt(bn.running_var.detach() + bn.eps)
+    var = bn.running_var.detach().to(dtype)
+    if bool((var < 0).any()):
+        raise ValueError(f"{type(bn).__name__} has a negative running_var")
+    scale = 1.0 / torch.sqrt(var + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.detach()
-    shift = -bn.running_mean.detach() * scale
+        scale = scale * bn.weight.detach().to(dtype)
+    shift = -bn.running_mean.detach().to(dtype) * scale
+    mag = shift.abs()
     if bn.bias is not None:
-        shift = shift + bn.bias.detach()
-    return scale, shift
+        shift = shift + bn.bias.detach().to(dtype)
+        mag = mag + bn.bias.detach().to(dtype).abs()
+    return scale, shift, mag
 
 
-def parse_chain(model: nn.Module, in_shape: tuple[int, ...]) -> Chain:
+_STOCK_FORWARD = {
+    cls: cls.forward
+    for cls in (
+        nn.Linear, nn.Conv2d, nn.ReLU, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Flatten, nn.AvgPool2d,
+        nn.MaxPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+        nn.AlphaDropout, nn.Sequential,
+    )
+}
+
+
+def _check_module(m: nn.Module) -> None:
+    """Refuse what the parser cannot see: forward hooks (they may change any output) and supported
+    classes whose ``forward`` was overridden by a subclass."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks")
+    if any(len(getattr(m, h, {}) or {}) for h in hooks):
+        raise ValueError(f"{type(m).__name__} has forward hooks, which certified bounds do not model: remove them")
+    for cls, fwd in _STOCK_FORWARD.items():
+        if isinstance(m, cls) and type(m).forward is not fwd:
+            raise ValueError(
+                f"{type(m).__name__} overrides {cls.__name__}.forward, which certified bounds do not model"
+            )
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if torch.is_floating_point(t):
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def parse_chain(model: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Chain:
     """Turn ``model`` into ops (BatchNorm folded, AvgPool as a convolution), with per-sample shapes.
 
-    Raises ValueError naming the first unsupported layer."""
+    ``dtype``: the dtype of the ops (default: the model's); folding is done in it, from the model's
+    own parameters.  Raises ValueError naming the first unsupported layer or layer option."""
     leaves = leaf_modules(model)
     if not leaves:
         raise ValueError("model has no layers")
-    device = None
-    for p in model.parameters():
-        device = p.device
-        dtype = p.dtype
-        break
-    else:
-        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        raise ValueError("global forward hooks are registered: certified bounds do not model them")
+    model_dtype, device = _model_dtype_device(model)
+    dtype = dtype or model_dtype
+    for m in [model, *model.modules()]:
+        _check_module(m)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"parameter {name} contains NaN or inf")
     ops: list = []
     leaf_end: list[int] = []
     shape = tuple(int(s) for s in in_shape)
@@ -301,46 +348,52 @@ def parse_chain(model: nn.Module, in_shape: tuple[int, ...]) -> Chain:
                 raise ValueError(
                     f"Linear applied to a tensor of shape {shape} is not supported: flatten first"
                 )
-            w = m.weight.detach()
-            b = m.bias.detach() if m.bias is not None else None
-            ops.append(Affine("linear", w, b, shape, (w.shape[0],)))
+            w = m.weight.detach().to(dtype)
+            b = m.bias.detach().to(dtype) if m.bias is not None else None
+            ops.append(Affine("linear", w, b, shape, (w.shape[0],), bias_magnitude=_abs(b)))
             shape = (w.shape[0],)
         elif isinstance(m, nn.Conv2d):
             if len(shape) != 3:
                 raise ValueError(f"Conv2d applied to a tensor of shape {shape} is not supported")
-            w = _dense_conv_weight(m)
-            b = m.bias.detach() if m.bias is not None else None
+            w = _dense_conv_weight(m).to(dtype)
+            b = m.bias.detach().to(dtype) if m.bias is not None else None
             op = Affine("conv", w, b, shape, shape, _pair(m.stride), _conv_padding(m), _pair(m.dilation))
+            op.bias_magnitude = _abs(b)
             op.out_shape = _conv_out_shape(op, shape)
             ops.append(op)
             shape = op.out_shape
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             if m.training:
                 raise ValueError(f"{type(m).__name__} in training mode is not supported: call model.eval()")
-            scale, shift = _bn_scale_shift(m)
-            scale, shift = scale.to(dtype), shift.to(dtype)
+            scale, shift, shift_mag = _bn_scale_shift(m, dtype)
             prev = ops[-1] if ops else None
             if isinstance(prev, Affine) and prev.out_shape[0] == scale.numel() and leaf_end[-1] == j - 1:
                 view = (-1,) + (1,) * (prev.weight.dim() - 1)
                 prev.weight = prev.weight * scale.view(view)
                 bias = prev.bias if prev.bias is not None else torch.zeros_like(shift)
                 prev.bias = bias * scale + shift
+                prev.bias_magnitude = bias.abs() * scale.abs() + shift_mag
                 leaf_end[-1] = j
                 continue
             if len(shape) == 3 and shape[0] == scale.numel():
                 c = shape[0]
                 w = torch.zeros(c, c, 1, 1, dtype=dtype, device=device)
                 w[torch.arange(c), torch.arange(c), 0, 0] = scale
-                ops.append(Affine("conv", w, shift.clone(), shape, shape))
+                ops.append(Affine("conv", w, shift.clone(), shape, shape, bias_magnitude=shift_mag))
             elif len(shape) == 1 and shape[0] == scale.numel():
-                ops.append(Affine("linear", torch.diag(scale), shift.clone(), shape, shape))
+                ops.append(Affine("linear", torch.diag(scale), shift.clone(), shape, shape, bias_magnitude=shift_mag))
             else:
                 raise ValueError(f"{type(m).__name__} on a tensor of shape {shape} is not supported")
         elif isinstance(m, nn.ReLU):
             ops.append(Act("relu", shape=shape))
         elif isinstance(m, nn.Softplus):
-            if m.beta <= 0:
-                raise ValueError(f"Softplus with beta={m.beta} is not supported (beta must be > 0)")
+            if not (m.beta > 0 and math.isfinite(m.beta)):
+                raise ValueError(f"Softplus with beta={m.beta} is not supported (beta must be finite and > 0)")
+            if math.isnan(m.threshold):
+                raise ValueError("Softplus with threshold=nan is not supported")
+            # torch's softplus is linear above beta z > threshold and jumps there by
+            # log1p(exp(-threshold)) / beta: bounded as the smooth softplus plus that jump
+            # (``floatsafe.softplus_jumps``), which is sound for every threshold
             ops.append(Act("softplus", float(m.beta), float(m.threshold), shape=shape))
         elif isinstance(m, nn.Sigmoid):
             ops.append(Act("sigmoid", shape=shape))
@@ -406,20 +459,21 @@ def _conv_out_shape(op: Affine, shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def check_chain(model: nn.Module, chain: Chain, x: torch.Tensor, atol: float = 1e-4) -> None:
     """The parsed chain must compute what ``model`` computes (catches non-chain forwards and
-    functional ops hidden in a custom forward)."""
+    functional ops hidden in a custom forward): ``model(x)`` must equal applying its layers in
+    registration order (up to 1e-6 relative: the same float operations), and the folded chain must
+    agree with it up to ``atol`` relative (folding BatchNorm changes the rounding only)."""
     with torch.no_grad():
         ref = model(x)
         leaf_out = chain.leaf_values(x)[-1]
-        ours = chain.forward(x)
-    if ref.shape != ours.shape:
+        ours = chain.forward(x.to(ops_device_dtype(chain.ops)[1]))
+    if ref.shape != ours.shape or ref.shape != leaf_out.shape:
         raise ValueError(
             f"{type(model).__name__} is not a simple chain of its submodules: its output shape {tuple(ref.shape)} "
             f"differs from the chained layers' {tuple(ours.shape)}"
         )
-    tol = atol * (1.0 + ref.abs().max())
-    if not torch.allclose(ref, leaf_out, atol=float(tol), rtol=0) or not torch.allclose(
-        ref, ours, atol=float(tol), rtol=0
-    ):
+    scale = 1.0 + float(ref.abs().max())
+    same_ops = torch.allclose(ref, leaf_out, atol=1e-6 * scale, rtol=0)
+    if not same_ops or not torch.allclose(ref.to(ours.dtype), ours, atol=atol * scale, rtol=0):
         raise ValueError(
             f"{type(model).__name__} is not a simple chain of its submodules (its forward computes something else "
             "than applying its layers in registration order)"
@@ -553,8 +607,8 @@ def _forward_op(op, mods: _OpModules, i: int, h: torch.Tensor) -> torch.Tensor:
         if op.name == "relu":
             return torch.relu(h)
         if op.name == "softplus":
-            # exported to ONNX as Div(Softplus(Mul(z, beta)), beta); the threshold (linear above
-            # beta z > 20, a change < 2e-9) is not modelled
+            # exported to ONNX as Div(Softplus(Mul(z, beta)), beta): the smooth softplus; the
+            # threshold's jump is accounted for by ``floatsafe`` as an evaluation error
             return F.softplus(h * op.beta) / op.beta if op.beta != 1.0 else F.softplus(h)
         if op.name == "sigmoid":
             return torch.sigmoid(h)

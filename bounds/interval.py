@@ -55,7 +55,11 @@ def affine_l2(op: Affine, center: torch.Tensor, eps: torch.Tensor) -> Box:
 
 
 def activation_forward(op: Act, box: Box) -> Box:
-    """Every supported activation is monotone increasing."""
+    """Every supported activation is monotone increasing.  Softplus is the smooth one (torch's
+    threshold, a jump of log1p(exp(-threshold)) / beta, is an evaluation error in ``floatsafe``;
+    threshold 40 in float64 is exact to its precision)."""
+    if op.name == "softplus":
+        return F.softplus(box[0], op.beta, 40.0), F.softplus(box[1], op.beta, 40.0)
     return op.forward(box[0]), op.forward(box[1])
 
 
@@ -106,11 +110,10 @@ def derivative_box(op: Act, lower: torch.Tensor, upper: torch.Tensor) -> Box:
     if op.name == "relu":
         return relu_derivative_box(lower, upper)
     if op.name == "softplus":
+        # the smooth derivative sigmoid(beta z) and, above torch's threshold, its exact 1: both
         lo = torch.sigmoid(op.beta * lower)
         hi = torch.sigmoid(op.beta * upper)
-        # above the threshold torch's softplus is linear: derivative exactly 1
         hi = torch.where(op.beta * upper > op.threshold, torch.ones_like(hi), hi)
-        lo = torch.where(op.beta * lower > op.threshold, torch.ones_like(lo), lo)
         return lo, hi
     prime = _sigmoid_prime if op.name == "sigmoid" else _tanh_prime
     nearest0 = torch.minimum(torch.maximum(torch.zeros_like(lower), lower), upper)

@@ -98,6 +98,30 @@ def _patch_bounded_module(auto_lirpa) -> None:
 
     _named_members._certattr_patched = True
     cls._named_members = _named_members
+    cls.check_IBP_intermediate = _check_ibp_intermediate
+
+
+def _check_ibp_intermediate(self, node) -> bool:
+    """auto_LiRPA 0.3's ``check_IBP_intermediate`` with its soundness bug fixed.
+
+    It walks from ``node`` back through ``ibp_intermediate`` operators to a node with known bounds and
+    propagates intervals forward, but 0.3 stores each result on that *base* node
+    (``node.interval = self.IBP_general(n)``), overwriting the base's interval with a later node's: a
+    second chain from the same base then starts from the wrong interval (found by certattr's fuzz
+    suite: CROWN boxes on the gradient graph of a sigmoid -> tanh net missed sampled points by 0.06).
+    Here each result goes to its own node, and the base starts from its known (lower, upper)."""
+    nodes = []
+    while not hasattr(node, "lower") or not hasattr(node, "upper"):
+        if type(node) not in self.ibp_intermediate:
+            return False
+        nodes.append(node)
+        node = node.inputs[0]
+    if not hasattr(node, "interval"):
+        node.interval = (node.lower, node.upper)
+    for n in reversed(nodes):
+        n.interval = self.IBP_general(n)
+        n.lower, n.upper = n.interval
+    return True
 
 
 def _softplus_relaxation(auto_lirpa) -> None:
@@ -175,7 +199,7 @@ def _cache_s_shaped_tables(auto_lirpa) -> None:
     @torch.no_grad()
     def precompute_relaxation(self, name, func, dfunc, x_limit=500):
         device = getattr(self, "device", None)
-        key = (name, float(x_limit), str(device))
+        key = (name, float(x_limit), str(device), torch.get_default_dtype())  # tables in the run's dtype
         if key not in cache:
             step = 0.01
             count = int(x_limit / step) + 5
@@ -252,35 +276,62 @@ def _build_custom_ops() -> dict:
     from auto_LiRPA.operators.bivariate import BoundMul
 
     class BoundProduct(BoundMul):
-        """a * b, both perturbed, equal shapes.  McCormick planes as BoundMul (Wong et al.):
-        a b >= l_b a + l_a b - l_a l_b  and  a b <= u_b a + l_a b - l_a u_b;  the backward pass
-        writes them as A a_p + min(A, 0) (a_n - a_p) to touch the coefficients fewer times."""
+        """a * b, both perturbed, equal shapes (a: a derivative factor, b: the upstream gradient).
+
+        The four McCormick planes (Wong & Kolter; BoundMul uses L1 and U1 only) are valid on the box
+        [l_a, u_a] x [l_b, u_b]:
+            L1: ab >= l_b a + l_a b - l_a l_b      L2: ab >= u_b a + u_a b - u_a u_b
+            U1: ab <= u_b a + l_a b - l_a u_b      U2: ab <= l_b a + u_a b - u_a l_b
+        (each is (a - l_a)(b - l_b) >= 0 etc. rearranged), and so is any convex combination of two
+        valid lower (upper) planes.  With ``MIX`` (default) we take
+            lower = lam L1 + (1 - lam) L2,  lam = clip(u_b / (u_b - l_b), 0, 1),
+            upper = mu U1 + (1 - mu) U2,    mu  = clip(-l_b / (u_b - l_b), 0, 1).
+        For a ReLU factor a in [0, 1] and l_b < 0 < u_b these are the chords of min(0, b) and
+        max(0, b), the hull of {ab}: the coefficient on b no longer vanishes when l_a = 0 (with L1/U1
+        it is l_a = 0 and an unstable ReLU degrades to interval arithmetic).  ``MIX = False`` restores
+        BoundMul's L1/U1.  The backward pass writes them as A a_p + min(A, 0) (a_n - a_p)."""
+
+        MIX = True
 
         def __init__(self, attr, inputs, output_index, options):
             super().__init__(attr, inputs, output_index, options)
             self.is_constant_op = False
             self.requires_input_bounds = [0, 1]
 
+        def _planes(self, x, y):
+            xl, xu, yl, yu = x.lower, x.upper, y.lower, y.upper
+            lower = (yl, xl, -xl * yl)  # (coefficient on a, on b, constant) of L1
+            upper = (yu, xl, -xl * yu)  # U1
+            if not type(self).MIX:
+                return lower, upper
+            width = yu - yl
+            safe = torch.where(width > 0, width, torch.ones_like(width))
+            lam = torch.where(width > 0, (yu / safe).clamp(0, 1), torch.ones_like(width))
+            mu = torch.where(width > 0, (-yl / safe).clamp(0, 1), torch.ones_like(width))
+            l2 = (yu, xu, -xu * yu)
+            u2 = (yl, xu, -xu * yl)
+            lower = tuple(lam * p1 + (1 - lam) * p2 for p1, p2 in zip(lower, l2))
+            upper = tuple(mu * p1 + (1 - mu) * p2 for p1, p2 in zip(upper, u2))
+            return lower, upper
+
         def bound_backward(self, last_lA, last_uA, x, y):
             if not all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA)):
                 return super().bound_backward(last_lA, last_uA, x, y)
-            xl, yl, yu = x.lower, y.lower, y.upper
-            batch = xl.shape[0]
+            batch = x.lower.shape[0]
+            lower_plane, upper_plane = self._planes(x, y)
 
             def side(a, lower: bool):
                 if a is None:
                     return None, None, 0
                 # the plane used where A >= 0 (p) and where A < 0 (n)
-                c_lo, c_hi = yl, yu
-                g_lo, g_hi = -xl * yl, -xl * yu
-                cp, cn, gp, gn = (c_lo, c_hi, g_lo, g_hi) if lower else (c_hi, c_lo, g_hi, g_lo)
+                p, q = (lower_plane, upper_plane) if lower else (upper_plane, lower_plane)
                 neg = a.clamp(max=0)
-                a_x = a * cp + neg * (cn - cp)
-                a_y = a * xl
+                a_x = a * p[0] + neg * (q[0] - p[0])
+                a_y = a * p[1] + neg * (q[1] - p[1])
                 s = a.shape[0]
-                bias = torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), gp.reshape(batch, -1))
+                bias = torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), p[2].reshape(batch, -1))
                 bias = bias + torch.einsum(
-                    "sbn,bn->sb", neg.reshape(s, batch, -1), (gn - gp).reshape(batch, -1)
+                    "sbn,bn->sb", neg.reshape(s, batch, -1), (q[2] - p[2]).reshape(batch, -1)
                 )
                 return a_x, a_y, bias
 

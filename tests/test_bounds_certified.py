@@ -1,9 +1,12 @@
 """Soundness and contract tests of the certified bound (bounds.certified_bound, SPEC 3.2).
 
 The oracle is the definition: the box must contain g(x') for every x' of the ball ∩ domain, so we
-sample points (and, for linf, vertices), run a strong deviation attack (PGD on ||g(x') - g(x)|| through
-a softplus surrogate, every iterate checked) and compare.  The label constraint is dropped on purpose
-(the box holds on the whole ball: a stronger test).
+sample 64 points per sample (uniform and, for linf, vertices / for l2, sphere points) and run PGD on
+||g(x') - g(x)||^2 through a softplus surrogate (20 steps with a decaying step, 2 random restarts, every
+iterate checked on the real network).  The label constraint is dropped on purpose (the box holds on
+the whole ball: a stronger test).  The broad search (every layer kind first, coordinate-targeted and
+margin attacks, hundreds of configurations) is ``test_soundness_fuzz.py``; exact ranges of tiny ReLU
+MLPs are in ``test_exact_oracle.py``.
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ def sample_points(x: torch.Tensor, eps: float, norm: str, count: int, gen: torch
     return (x.unsqueeze(0) + d).clamp(0.0, 1.0)
 
 
-def deviation_attack(model, x, target, eps, norm, attr, *, steps=10, restarts=2, seed=0):
-    """PGD maximising ||g(x') - g(x)||^2 through a softplus surrogate (beta 10); yields every iterate
+def deviation_attack(model, x, target, eps, norm, attr, *, steps=20, restarts=2, seed=0):
+    """PGD maximising ||g(x') - g(x)||^2 through a softplus surrogate (beta 10), step eps/4 decaying
+    geometrically to eps/40, from ``restarts`` random points of the ball; yields every iterate
     evaluated on the real network."""
     gen = torch.Generator().manual_seed(seed)
     sur = softplus_surrogate(model, beta=10.0)
@@ -134,8 +138,8 @@ def deviation_attack(model, x, target, eps, norm, attr, *, steps=10, restarts=2,
     for _ in range(restarts):
         start = sample_points(x, eps, norm, 1, gen)[0]
         xp = project(start, x, eps, norm)
-        step = eps / 4
-        for _ in range(steps):
+        for t in range(steps):
+            step = eps / 4 * 0.1 ** (t / max(1, steps - 1))
             xp = xp.detach().requires_grad_(True)
             loss = (
                 (attribution(sur, xp, target, attr, steps=IG_STEPS, create_graph=True) - g_sur) ** 2
@@ -207,19 +211,24 @@ def test_sound_sampled_and_attacked(kind, norm, eps, attr):
     }
     r0 = results["ibp"]
     target = r0.target
-    xs = sample_points(x, eps, norm, 24, gen)
+    xs = sample_points(x, eps, norm, 64, gen)
     gs = attribution(net, xs.flatten(0, 1), target.repeat(xs.shape[0]), attr, steps=IG_STEPS)
     points = list(zip(xs, gs.view(xs.shape)))
-    points += list(deviation_attack(net, x, target, eps, norm, attr, steps=6, restarts=1))
+    points += list(deviation_attack(net, x, target, eps, norm, attr))
     for method, res in results.items():
         assert res.kind == "certified" and res.method == method and res.attribution == attr
         assert res.lower.shape == x.shape and res.upper.shape == x.shape
         check_sound(res, points, k=6)
-    # crown is intersected with the interval box: never looser
-    assert (results["crown"].upper <= r0.upper + 1e-6).all() and (
-        results["crown"].lower >= r0.lower - 1e-6
-    ).all()
-    assert (results["crown"].euclidean <= r0.euclidean + 1e-5).all()
+    # tightness that can fail (the box is intersected with the interval box, so "never looser" could
+    # not): CROWN must shrink the mean box width by >= 5% (measured 13-61% on these nets; a silent
+    # fallback to intervals gives 0%), and stay within 25x of the largest deviation the attacks reach
+    # (measured 1.5-11x)
+    crown = results["crown"]
+    width = {m: float((r.upper - r.lower).mean()) for m, r in results.items()}
+    assert width["crown"] <= 0.95 * width["ibp"], width
+    g0 = crown.attribution_at_x
+    reached = torch.stack([(g - g0).flatten(1).norm(dim=1) for _, g in points]).max(dim=0).values
+    assert (crown.euclidean <= 25 * reached + 1e-6).all(), (crown.euclidean, reached)
 
 
 @pytest.mark.slow
@@ -284,13 +293,34 @@ def test_batch_equals_single(method, attr):
         assert bool(one.label_certified[0]) == bool(full.label_certified[i])
 
 
+@pytest.mark.parametrize("method", ["crown", "ibp"])
+@pytest.mark.parametrize("norm", ["inf", 2])
 @pytest.mark.parametrize("attr", ["saliency", "grad_x_input", "ig"])
-def test_eps_zero_is_exact(attr):
+def test_tiny_positive_eps_is_small_and_sound(attr, norm, method):
+    """eps = 1e-7 runs the whole bound computation (eps = 0 is a short-circuit): on a ReLU CNN with
+    max-pooling and exact zeros in x, the box must still contain every sampled point (no phase or
+    routing may be frozen wrongly) and be small: euclidean <= 1e-3 (1 + ||g(x)||), cosine >= 0.999,
+    on the samples without a blank band (sample 0's blank band gives exact max-pool ties, which any
+    eps > 0 breaks either way: an O(1) change of g that the bound must, and does, allow)."""
     net = make_net("cnn-relu")
     x = make_x()
-    res = certified_bound(net, x, 0.0, 2, attr, ig_steps=IG_STEPS)
-    assert (res.euclidean.abs() <= 1e-6).all()
-    assert ((res.cosine - 1).abs() <= 1e-6).all()
+    eps = 1e-7
+    res = certified_bound(net, x, eps, norm, attr, method=method, ig_steps=IG_STEPS)
+    g_norm = res.attribution_at_x.flatten(1).norm(dim=1)
+    assert (res.euclidean[1:] <= 1e-3 * (1 + g_norm[1:])).all(), (res.euclidean, g_norm)
+    assert (res.cosine[1:] >= 0.999).all()
+    norm_s = "inf" if norm == "inf" else "2"
+    xs = sample_points(x, eps, norm_s, 32, torch.Generator().manual_seed(5))
+    gs = attribution(net, xs.flatten(0, 1), res.target.repeat(32), attr, steps=IG_STEPS)
+    check_sound(res, list(zip(xs, gs.view(xs.shape))), k=5)
+
+
+def test_eps_zero_short_circuit_is_exact():
+    """eps = 0: the box is the point g(x) (the documented short-circuit)."""
+    net = make_net("cnn-relu")
+    x = make_x()
+    res = certified_bound(net, x, 0.0, 2, "saliency")
+    assert (res.euclidean == 0).all() and (res.cosine == 1).all()
     torch.testing.assert_close(res.lower, res.attribution_at_x)
     assert (res.topk_intersection(5) == 1).all()
 

@@ -1,0 +1,210 @@
+"""The elementwise box lower <= g(x') <= upper behind ``certified_bound`` (SPEC 3.2, 9.1).
+
+Steps, for every x' of the region R = B_p(x, eps') ∩ [lo, hi]^n (eps' = eps widened by the relative
+error with which a float32 caller computes ||x' - x||_p, so every point a caller accepts is inside):
+
+1. bounds on the exact (real-arithmetic) input of every op: IBP (``interval.forward_bounds``)
+   intersected with auto_LiRPA CROWN, whose pass also bounds the margins f_y - f_j;
+2. ``floatsafe.forward_errors``: E_i >= |float evaluation - exact value|; every discrete decision is
+   taken on [l - 2E, u + 2E]: the ReLU phase (relu'(0) = 0), the max-pool routing (first maximum),
+   the label (certified iff the margin's lower bound exceeds 2 (E_y + E_j) for every j);
+3. derivative-factor boxes from the widened bounds, then the interval backward pass (``gradient_box``)
+   and, for method "crown", CROWN on ``GradNet`` (``crown.crown_gradient``), intersected;
+4. the final box widened by 2 x ``floatsafe.backward_error`` (the float evaluation of the backward
+   pass, the product with x for gradient x input, the mean over path points for IG).
+
+IG: the gradient box at every path point (s/m) x' (the region scaled by s/m; the float path point
+fl(fl(s/m) x') is within 2u |(s/m) x'| of it: an input error), averaged, times the interval of x' - b.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import crown
+from .floatsafe import (
+    COMPUTE_DTYPE,
+    backward_error,
+    effective_unit,
+    forward_errors,
+    gamma,
+    underflow_unit,
+    unit_roundoff,
+    widen,
+)
+from .gradgraph import Act, Chain, MaxPool
+from .interval import Box, factor_boxes, forward_bounds, gradient_box, mul
+
+_LIRPA_ERRORS = (NotImplementedError, AssertionError, RuntimeError, IndexError, KeyError, TypeError, ValueError)
+
+
+def region(x: torch.Tensor, eps: float, domain: tuple[float, float] | None) -> Box:
+    """Per-coordinate bounds of B_p(x, eps) ∩ [lo, hi]^n (the l_inf box contains the l2 ball)."""
+    lo, hi = x - eps, x + eps
+    if domain is not None:
+        lo, hi = lo.clamp_min(domain[0]), hi.clamp_max(domain[1])
+    return lo, hi
+
+
+def caller_radius(eps: float, norm: str, x: torch.Tensor, model_dtype: torch.dtype) -> float:
+    """eps widened so that every float point a caller builds in the ball is inside: a projection
+    clamp(x', x - eps, x + eps) computed in floats is off by up to 2u (|x_i| + eps) per coordinate, and a
+    computed ||x' - x||_p <= eps errs by gamma_{n+4} relative (l2: n squares, a sum, a sqrt) or 2u (l_inf)."""
+    u = unit_roundoff(model_dtype)
+    n = x[0].numel()
+    slack = 2.0 * u * (float(x.abs().max()) + eps)
+    if norm == "2":
+        return eps * (1.0 + 2.0 * gamma(n + 4, u)) + slack * n**0.5
+    return eps * (1.0 + 4.0 * u) + slack
+
+
+def _op_sizes(chain: Chain) -> list[int]:
+    sizes = [int(np.prod(chain.in_shape))]
+    for op in chain.ops:
+        for attr in ("out_shape", "shape"):
+            s = getattr(op, attr, None)
+            if s:
+                sizes.append(int(np.prod(s)))
+        if isinstance(op, MaxPool):
+            sizes.append(int(np.prod(op.out_shape)) * op.window)
+    return sizes
+
+
+def _others(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(rows, classes) -> (rows, classes - 1): the columns j != target (ascending j, as margin_spec)."""
+    keep = torch.ones_like(t, dtype=torch.bool)
+    keep.scatter_(1, target.view(-1, 1), False)
+    return t[keep].view(t.shape[0], t.shape[1] - 1)
+
+
+def _label_certified(margins, bounds_logits, logit_err, tr, batch) -> torch.Tensor:
+    """Margin lower bounds (exact function) minus 2 (E_y + E_j): the float logits keep the order."""
+    if logit_err.shape[1] == 1:  # one logit: argmax is constant
+        return torch.ones(batch, dtype=torch.bool, device=tr.device)
+    e_y = logit_err.gather(1, tr.view(-1, 1))
+    slack = 2.0 * (e_y + _others(logit_err, tr))
+    if margins is None:  # IBP fallback: y's lower bound against every other upper bound
+        lo, hi = bounds_logits
+        margins = lo.gather(1, tr.view(-1, 1)) - _others(hi, tr)
+    return (margins - slack > 0).all(dim=1)[-batch:]
+
+
+def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, steps, chunk_size, details,
+              model_dtype):
+    """(lower, upper, label_certified) in float64; see the module docstring."""
+    batch = x.shape[0]
+    x64 = x.to(COMPUTE_DTYPE)
+    eps_c = caller_radius(eps, norm, x64, model_dtype)
+    box = region(x64, eps_c, domain)
+    if attribution == "ig":
+        alphas = torch.arange(1, steps + 1, dtype=COMPUTE_DTYPE, device=x.device) / steps
+    else:
+        alphas = torch.ones(1, dtype=COMPUTE_DTYPE, device=x.device)
+    reps = alphas.numel()
+    view = (-1,) + (1,) * (x.dim() - 1)
+    tile = (reps,) + (1,) * (x.dim() - 1)
+    # path point s: x' -> alpha_s x' ranges over the scaled region; rows ordered (s, sample)
+    ar = alphas.repeat_interleave(batch).view(view)
+    center = x64.repeat(tile) * ar
+    sbox = (box[0].repeat(tile) * ar, box[1].repeat(tile) * ar)
+    eps_rows = (eps_c * ar).flatten()
+    tr = target.repeat(reps)
+    group = batch if norm == "2" else center.shape[0]
+    sizes = _op_sizes(chain)
+    u, eta = effective_unit(model_dtype, chain), underflow_unit(model_dtype)
+
+    # 1. bounds on the exact values: IBP ∩ CROWN (whose pass also bounds the margins)
+    l2 = {"l2_center": center, "l2_eps": eps_rows} if norm == "2" else {}
+    bounds = list(forward_bounds(chain, sbox, **l2))
+    fwd_chunk = chunk_size or max(1, int(2e8 / (8 * max(sizes) * 32)))
+    margins = None
+    try:
+        cb, margins = crown.crown_forward(chain, center, sbox, eps_rows, norm, tr, group, fwd_chunk)
+        for i, (clo, chi) in cb.items():
+            bounds[i] = (torch.maximum(bounds[i][0], clo), torch.minimum(bounds[i][1], chi))
+        details["preactivation"] = "crown+ibp"
+    except RuntimeError as exc:
+        details["preactivation"] = "ibp"
+        details["crown_error"] = str(exc)[:500]
+
+    # 2. float evaluation errors and widened decisions
+    if attribution == "ig":  # the float path point fl(fl(s/m) x') is within 2u |alpha x'| of alpha x'
+        input_err = 2 * unit_roundoff(model_dtype) * torch.maximum(sbox[0].abs(), sbox[1].abs())
+    else:
+        input_err = torch.zeros_like(center)
+    errs = forward_errors(chain, bounds, input_err, u, eta)
+    wide = [widen(b, e) for b, e in zip(bounds, errs)]
+    label_certified = _label_certified(margins, bounds[-1], errs[-1], tr, batch)
+    details["max_forward_error"] = float(max(float(e.max()) for e in errs))
+
+    # 3. derivative-factor boxes and the gradient box
+    factors = factor_boxes(chain, wide)
+    upstream: dict = {}
+    glo, ghi = gradient_box(chain, factors, tr, record=upstream)
+    details["gradient"] = "interval"
+    times_input = attribution == "grad_x_input"
+    used = "ibp"
+    if method == "crown":
+        try:
+            clo, chi = _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, (glo, ghi),
+                                  times_input, group, chunk_size, sizes, model_dtype)
+            details["gradient"] = "crown+interval"
+            used = "crown"
+        except _LIRPA_ERRORS as exc:  # still sound: the interval box alone
+            details["crown_gradient_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    details["method"] = used
+
+    # 4. the float evaluation of the backward pass
+    mag, ferr = backward_error(chain, factors, errs, center.shape[0], u, eta, COMPUTE_DTYPE, x.device)
+    xmag = torch.maximum(box[0].abs(), box[1].abs())
+    if times_input:
+        ilo, ihi = mul((glo, ghi), box)
+        if used == "crown":
+            ilo, ihi = torch.maximum(ilo, clo), torch.minimum(ihi, chi)
+        err = xmag * ferr + unit_roundoff(model_dtype) * xmag * (mag + ferr)
+        return ilo - 2 * err, ihi + 2 * err, label_certified
+    if used == "crown":
+        glo, ghi = torch.maximum(glo, clo), torch.minimum(ghi, chi)
+    if attribution == "saliency":
+        return glo - 2 * ferr, ghi + 2 * ferr, label_certified
+    # IG: average the path-point boxes, times the interval of x' - b (b = 0)
+    shape = (reps, batch, *chain.in_shape)
+    glo, ghi = glo.view(shape).mean(dim=0), ghi.view(shape).mean(dim=0)
+    f_mean = ferr.view(shape).mean(dim=0)
+    m_mean = mag.view(shape).mean(dim=0)
+    f_mean = f_mean + gamma(reps + 1, unit_roundoff(model_dtype)) * (m_mean + f_mean)
+    err = xmag * f_mean + unit_roundoff(model_dtype) * xmag * (m_mean + f_mean)
+    ilo, ihi = mul((glo, ghi), box)
+    return ilo - 2 * err, ihi + 2 * err, label_certified
+
+
+def _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, gbox, times_input, group,
+               chunk_size, sizes, model_dtype):
+    """CROWN on GradNet; the ReLU factors and max-pool routings enter as free inputs in their boxes."""
+    dtype = center.dtype
+    onehot = torch.zeros(tr.shape[0], chain.num_classes, dtype=dtype, device=center.device)
+    onehot.scatter_(1, tr.view(-1, 1), 1.0)
+    with torch.no_grad():
+        exact = [center.to(model_dtype)] + chain.leaf_values(center.to(model_dtype))[:-1]
+    flist = []
+    for i, op in enumerate(chain.ops):
+        if isinstance(op, Act) and op.name == "relu":
+            value = (exact[i] > 0).to(dtype)
+            flist.append((value.clamp(factors[i][0], factors[i][1]), factors[i]))
+        elif isinstance(op, MaxPool):
+            r = op.routing_at(exact[i].to(dtype))
+            shape = (r.shape[0], -1) + tuple(op.out_shape[1:])
+            flo, fhi = factors[i][0].reshape(shape), factors[i][1].reshape(shape)
+            flist.append((r.reshape(shape).clamp(flo, fhi), (flo, fhi)))
+    n = int(np.prod(chain.in_shape))
+    biggest = max(sizes)
+    # bytes per sample: about 24 live float64 copies of the largest (n, size) coefficient matrix
+    # (measured in BoundMul's relaxation), plus (size, size) ones when auto_LiRPA computes the
+    # intermediate bounds itself
+    per_sample = 8 * 24 * (n * biggest + (biggest * biggest if crown.FULL_CROWN else 0))
+    grad_chunk = chunk_size or max(1, int(crown.MEMORY_BUDGET / per_sample))
+    supplied = None if crown.FULL_CROWN else (wide, upstream, gbox)
+    return crown.crown_gradient(
+        chain, center, sbox, eps_rows, norm, onehot, flist, times_input, group, grad_chunk, supplied
+    )

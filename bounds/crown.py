@@ -1,0 +1,323 @@
+"""auto_LiRPA plumbing of the certified bound: CROWN on the forward net (pre-activation bounds and
+label margins) and on the gradient graph (``gradgraph.GradNet``), with a cache of BoundedModules.
+
+The cache is keyed on the *content* of the folded weights (``floatsafe.chain_fingerprint``), so a
+model whose weights were written in place (``p.data.copy_``, manual SGD, a loader) never reuses a
+module built for its old weights.  Under l2, auto_LiRPA 0.3 gives the input node a zero-width
+interval (SPEC 8): both networks start with an identity stem whose bounds we supply (the box of
+ball ∩ domain), so no node ever sees that zero-width interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .floatsafe import chain_fingerprint
+from .gradgraph import Act, Chain, ForwardNet, GradNet, MaxPool
+from .interval import Box
+from .lirpa_compat import custom_ops, import_auto_lirpa
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """auto_LiRPA 0.3 creates its specification matrices (eye, C) in the default dtype: run it with
+    the dtype of our float64 bound propagation; the caller's default is restored."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+_ACT_NODE_NAMES = ("BoundRelu", "BoundSoftplus", "BoundSigmoid", "BoundTanh", "BoundMaxPool")
+
+
+# ----------------------------------------------------------------------------------------------
+# cached auto_LiRPA modules
+# ----------------------------------------------------------------------------------------------
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 6
+
+
+def cached(chain: Chain, key: tuple, build):
+    """The value built for this chain's weights (by content) and ``key``, built once."""
+    full = (chain_fingerprint(chain),) + key
+    hit = _CACHE.get(full)
+    if hit is not None:
+        _CACHE.move_to_end(full)
+        return hit
+    value = build()
+    _CACHE[full] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _perturbation(al, norm: str, eps: float, box: Box):
+    if norm == "inf":
+        return al.PerturbationLpNorm(norm=np.inf, eps=eps, x_L=box[0], x_U=box[1])
+    return al.PerturbationLpNorm(norm=2, eps=eps)
+
+
+def _chunks(n: int, size: int):
+    size = max(1, int(size))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _op_sizes(chain: Chain) -> list[int]:
+    sizes = [int(np.prod(chain.in_shape))]
+    for op in chain.ops:
+        for attr in ("out_shape", "shape"):
+            s = getattr(op, attr, None)
+            if s:
+                sizes.append(int(np.prod(s)))
+        if isinstance(op, MaxPool):
+            sizes.append(int(np.prod(op.out_shape)) * op.window)
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-activation bounds and margins (auto_LiRPA CROWN on the forward network)
+# ----------------------------------------------------------------------------------------------
+def margin_spec(target: torch.Tensor, classes: int, dtype) -> torch.Tensor:
+    """C (B, classes - 1, classes) with rows e_y - e_j, j != y."""
+    b = target.shape[0]
+    eye = torch.eye(classes, dtype=dtype, device=target.device)
+    c = eye[target].unsqueeze(1) - eye.unsqueeze(0)  # (B, classes, classes)
+    keep = torch.ones(b, classes, dtype=torch.bool, device=target.device)
+    keep[torch.arange(b, device=target.device), target] = False
+    return c[keep].view(b, classes - 1, classes)
+
+
+def row_slices(rows: int, group: int, chunk: int):
+    """Chunks of at most ``chunk`` rows that never straddle two groups of ``group`` rows (the rows of
+    one IG path point share one l2 radius)."""
+    for g0 in range(0, rows, group):
+        for sl in _chunks(min(group, rows - g0), chunk):
+            yield slice(g0 + sl.start, g0 + sl.stop)
+
+
+def crown_forward(chain, center, box, eps_rows, norm, target, group, chunk):
+    """CROWN pass on the forward net over the regions (l2: ball(center, eps_rows) ; inf: box).
+
+    Returns (per-op input bounds for activations / max-pools, margin lower bounds (rows, classes-1)).
+    Tries auto_LiRPA's patches mode for convolutions first, then matrix mode."""
+    errors = []
+    for mode in ("patches", "matrix"):
+        failed_key = (chain_fingerprint(chain), mode)
+        if _CONV_MODE_FAILED.get(failed_key):
+            continue
+        try:
+            with default_dtype(center.dtype):
+                return _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode)
+        except (
+            NotImplementedError,
+            AssertionError,
+            ValueError,
+            RuntimeError,
+            IndexError,
+            KeyError,
+            TypeError,
+        ) as exc:
+            errors.append(f"{mode}: {type(exc).__name__}: {exc}")
+            _CONV_MODE_FAILED[failed_key] = True
+    raise RuntimeError("; ".join(errors) or "auto_LiRPA failed")
+
+
+_CONV_MODE_FAILED: dict = {}
+FULL_CROWN = False  # True: let auto_LiRPA recompute every intermediate bound of GradNet by CROWN
+MEMORY_BUDGET = 1e9  # bytes for auto_LiRPA's coefficient matrices per call
+
+
+def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode):
+    al = import_auto_lirpa()
+    nonlin = [i for i, op in enumerate(chain.ops) if isinstance(op, (Act, MaxPool))]
+    identity = norm == "2"
+
+    def build():
+        net = ForwardNet(chain, identity_stem=identity)
+        return al.BoundedModule(
+            net, (center[:1],), bound_opts={"conv_mode": mode}, device=center.device, verbose=False
+        )
+
+    key = ("forward", tuple(center.shape[1:]), mode, identity, str(center.device), center.dtype)
+    bm = cached(chain, key, build)
+    stem_node = _stem_node(bm) if identity else None
+    nodes = [n for n in bm._modules.values() if type(n).__name__ in _ACT_NODE_NAMES]
+    if len(nodes) != len(nonlin):
+        raise RuntimeError("auto_LiRPA graph does not match the parsed chain")
+    bounds: dict[int, list] = {i: [[], []] for i in nonlin}
+    margins = []
+    c_all = margin_spec(target, chain.num_classes, center.dtype) if chain.num_classes > 1 else None
+    for sl in row_slices(center.shape[0], group, chunk):
+        ptb = _perturbation(al, norm, float(eps_rows[sl.start]), (box[0][sl], box[1][sl]))
+        args = (al.BoundedTensor(center[sl], ptb),)
+        # under l2 the identity stem ranges over the ball ∩ domain: its box is a sound intermediate bound
+        inter = {stem_node: (box[0][sl], box[1][sl])} if stem_node is not None else None
+        if c_all is not None:
+            lb, _ = bm.compute_bounds(
+                x=args, C=c_all[sl], method="CROWN", bound_upper=False, intermediate_layer_bounds=inter
+            )
+            margins.append(lb.detach())
+        else:
+            bm.compute_bounds(x=args, method="CROWN", intermediate_layer_bounds=inter)
+        for i, node in zip(nonlin, nodes):
+            inp = node.inputs[0]
+            lo, hi = inp.lower.detach(), inp.upper.detach()
+            op = chain.ops[i]
+            if isinstance(op, Act) and op.name == "softplus" and op.beta != 1.0:
+                lo, hi = lo / op.beta, hi / op.beta  # the node is beta * z
+            bounds[i][0].append(lo)
+            bounds[i][1].append(hi)
+    out = {i: (torch.cat(v[0]), torch.cat(v[1])) for i, v in bounds.items()}
+    marg = (
+        torch.cat(margins)
+        if margins
+        else torch.ones(center.shape[0], 1, dtype=center.dtype, device=center.device)
+    )
+    return out, marg
+
+
+def crown_gradient(
+    chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None
+):
+    """CROWN on ``GradNet``: box on d f_y/dx (times x if ``times_input``), shape (rows, *in_shape).
+
+    ``supplied``: (pre-activation bounds per op, upstream-gradient boxes per op, gradient box) that
+    are handed to auto_LiRPA as intermediate bounds (sound; skips one CROWN pass per node, leaving
+    only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN."""
+    al = import_auto_lirpa()
+    identity = norm == "2"
+
+    def build():
+        net = GradNet(chain, times_input=times_input, identity_stem=identity)
+        args = [center[:1], onehot[:1]] + [f[0][:1] for f in factor_list]
+        bm = al.BoundedModule(
+            net,
+            tuple(args),
+            bound_opts={"conv_mode": "matrix"},
+            device=center.device,
+            verbose=False,
+            custom_ops=custom_ops(),
+        )
+        _ibp_for_monotone(bm)
+        bm._certattr_nodes = _gradnet_nodes(bm, chain, times_input)
+        return bm
+
+    key = ("grad", tuple(center.shape[1:]), times_input, identity, str(center.device), center.dtype)
+    with default_dtype(center.dtype):
+        bm = cached(chain, key, build)
+    stem_node = _stem_node(bm) if identity else None
+    nodes = bm._certattr_nodes if supplied is not None else None
+    lows, highs = [], []
+    for sl in row_slices(center.shape[0], group, chunk):
+        ptb = _perturbation(al, norm, float(eps_rows[sl.start]), (box[0][sl], box[1][sl]))
+        args = [al.BoundedTensor(center[sl], ptb), onehot[sl]]
+        for value, (flo, fhi) in factor_list:
+            fptb = al.PerturbationLpNorm(norm=np.inf, eps=1.0, x_L=flo[sl], x_U=fhi[sl])
+            args.append(al.BoundedTensor(value[sl], fptb))
+        inter = {}
+        if stem_node is not None:
+            # the identity node ranges over the ball ∩ domain: its box is a sound intermediate bound
+            inter[stem_node] = (box[0][sl], box[1][sl])
+        if nodes is not None:
+            inter.update(_intermediate(nodes, chain, supplied, sl))
+        with default_dtype(center.dtype):
+            lb, ub = bm.compute_bounds(x=tuple(args), method="CROWN", intermediate_layer_bounds=inter or None)
+        lows.append(lb.detach().reshape(-1, *chain.in_shape))
+        highs.append(ub.detach().reshape(-1, *chain.in_shape))
+    return torch.cat(lows), torch.cat(highs)
+
+
+def _gradnet_nodes(bm, chain: Chain, times_input: bool) -> dict | None:
+    """Names of the GradNet nodes whose bounds we know: the upstream-gradient input of every product
+    (walking the backward chain from the output), the gradient itself (gradient x input) and the
+    pre-activation inputs of the forward part.  None if the graph does not look as expected."""
+    node = bm[bm.final_name]
+    products = []
+    while type(node).__name__ != "BoundInput":
+        if not node.inputs:
+            return None
+        if type(node).__name__ in ("BoundMul", "BoundProduct"):
+            products.append(node)
+            node = node.inputs[1]
+        else:
+            node = node.inputs[0]
+    nonlin = [i for i, op in enumerate(chain.ops) if isinstance(op, (Act, MaxPool))]
+    out: dict = {"upstream": {}, "preact": {}, "gradient": None}
+    if times_input:
+        if not products:
+            return None
+        out["gradient"] = products.pop(0).inputs[1].name
+    if len(products) != len(nonlin):
+        return None
+    for i, mul_node in zip(nonlin, products):
+        out["upstream"][i] = mul_node.inputs[1].name
+    softplus_inputs = {n.inputs[0].name for n in bm._modules.values() if type(n).__name__ == "BoundSoftplus"}
+    fwd = [
+        n
+        for n in bm._modules.values()
+        if type(n).__name__ in _ACT_NODE_NAMES
+        and not (type(n).__name__ == "BoundSigmoid" and n.inputs[0].name in softplus_inputs)
+    ]
+    net_until = max(
+        [i + 1 for i, op in enumerate(chain.ops) if isinstance(op, Act) and op.name != "relu"], default=0
+    )
+    expected = [i for i in nonlin if i < net_until]
+    if len(fwd) != len(expected):
+        return None
+    for i, n in zip(expected, fwd):
+        out["preact"][i] = n.inputs[0].name
+    return out
+
+
+def _intermediate(nodes: dict, chain: Chain, supplied, sl: slice) -> dict:
+    bounds, upstream, grad = supplied
+    inter = {}
+    for i, name in nodes["preact"].items():
+        lo, hi = bounds[i][0][sl], bounds[i][1][sl]
+        op = chain.ops[i]
+        if isinstance(op, Act) and op.name == "softplus" and op.beta != 1.0:
+            lo, hi = lo * op.beta, hi * op.beta
+        inter[name] = (lo, hi)
+    for i, name in nodes["upstream"].items():
+        lo, hi = upstream[i][0][sl], upstream[i][1][sl]
+        op = chain.ops[i]
+        if isinstance(op, MaxPool):  # the upstream gradient repeated over the window: (B, C*k*k, Ho, Wo)
+            shape = (lo.shape[0], op.in_shape[0] * op.window) + tuple(op.out_shape[1:])
+            lo = lo.unsqueeze(2).expand(-1, -1, op.window, -1, -1).reshape(shape)
+            hi = hi.unsqueeze(2).expand(-1, -1, op.window, -1, -1).reshape(shape)
+        inter[name] = (lo, hi)
+    if nodes["gradient"] is not None:
+        inter[nodes["gradient"]] = (grad[0][sl], grad[1][sl])
+    return inter
+
+
+def _ibp_for_monotone(bm) -> None:
+    """Let auto_LiRPA take interval bounds (as it does for ReLU) for the elementwise nodes of the
+    derivative factors: monotone activations, +- constants, products by constants and squares, for
+    which CROWN cannot be tighter than the image of the input interval, at the price of a pass."""
+    from auto_LiRPA import bound_ops
+
+    names = ("BoundSigmoid", "BoundTanh", "BoundSoftplus", "BoundAdd", "BoundSub", "BoundMul")
+    extra = [getattr(bound_ops, name) for name in names if hasattr(bound_ops, name)]
+    current = list(getattr(bm, "ibp_intermediate", []))
+    bm.ibp_intermediate = current + [c for c in extra if c not in current]
+
+
+def _stem_node(bm) -> str | None:
+    inputs = [n for n in bm._modules.values() if type(n).__name__ == "BoundInput"]
+    if not inputs:
+        return None
+    first = inputs[0]
+    for n in bm._modules.values():
+        if n.inputs and n.inputs[0] is first and type(n).__name__ in ("BoundConv", "BoundLinear"):
+            return n.name
+    return None
+
+
