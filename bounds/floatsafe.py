@@ -23,7 +23,7 @@ with gamma_k = k u / (1 - k u).  By induction over the layers (with E the forwar
 
 The backward pass (the attribution) in the same way, with M an upper bound on |exact upstream
 gradient| and F its float error:  W^T v:  F <- |W|^T F + gamma_{m+8} |W|^T (M + F);  smooth factor
-d = a'(z):  F <- (D + dD) F + dD M + u (D + dD)(M + F) with dD = L_{a'} E_z + 4 u + (1 - sigmoid(thr))
+d = a'(z):  F <- (D + dD) F + dD M + u (D + dD)(M + F) with dD = L_{a'} E_z + 12 u + (1 - sigmoid(thr))
 (the derivatives are at most 1, so their evaluation error is absolute);  ReLU factor and max-pool
 routing: the factor box is computed from bounds widened by the forward error, so it contains the
 factor that the float evaluation picks (F <- D F, exact products by 0/1; the max-pool scatter-add sums
@@ -36,9 +36,10 @@ at most that relative amount times the same magnitudes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ from .gradgraph import Act, Affine, Chain, MaxPool
 MARGIN_FACTOR = 2.0
 COMPUTE_DTYPE = torch.float64
 _ELEMENTWISE_ULPS = 4.0
+# a'(z^) as autograd forms it from the forward value (s (1 - s), 1 - t^2, e/(e + 1)): the 4-ulp error of
+# s or t, times |a''| / |1 - 2s| <= 2, plus two roundings: 12 u (absolute: every a' here is <= 1)
+_DERIVATIVE_ULPS = 12.0
 # second derivatives' maxima: |sigmoid''| <= 0.0962, |tanh''| <= 0.7699, |softplus_beta''| <= beta / 4
 _SECOND_DERIVATIVE = {"relu": 0.0, "sigmoid": 0.0963, "tanh": 0.77}
 
@@ -122,6 +126,17 @@ def no_tf32() -> Iterator[None]:
         for obj, value in new.items():
             if _read(obj, "fp32_precision") != value:
                 obj.fp32_precision = value
+
+
+def tf32_off(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` inside ``no_tf32()`` (every certificate-computing entry point)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_tf32():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +274,7 @@ def backward_error(
                 f = dmax * f
             else:
                 lip2 = op.beta / 4 if op.name == "softplus" else _SECOND_DERIVATIVE[op.name]
-                dd = lip2 * fwd_errors[i] + _ELEMENTWISE_ULPS * u + softplus_jumps(op)[1] + eta
+                dd = lip2 * fwd_errors[i] + _DERIVATIVE_ULPS * u + softplus_jumps(op)[1] + eta
                 f = (dmax + dd) * f + dd * m + u * (dmax + dd) * (m + f) + eta
             m = dmax * m
         elif isinstance(op, MaxPool):

@@ -1,0 +1,474 @@
+"""Complete verification of the worst-case saliency deviation of ReLU MLPs by branch-and-bound (SPEC 9.2).
+
+Problem (per sample, label constraint dropped as in ``certified_bound``):
+
+    D*(x) = max { ||g(x') - g(x)||_2 : ||x' - x||_inf <= eps, lo <= x' <= hi },   g = d f_y / dx,
+
+with g evaluated as torch does (the model's dtype, relu'(0) = 0).  For a ReLU MLP g is constant on every
+activation region, g = g_D = W_1^T D_1 ... W_K^T D_K w, so D* is a maximum over the patterns D that the
+ball reaches.  ``complete_bound`` returns per sample
+
+* ``lower``: ||g(x*) - g(x)||_2 recomputed by autograd on the real model at a returned point x* of the
+  ball (``witness``): a deviation that is actually reached;
+* ``upper``: a proof that no point of the ball does better; ``gap = upper - lower``.
+
+Algorithm (best-first branch-and-bound on ReLU phases, batched):
+
+1. A subdomain is a split vector s (+1: torch's z_i > 0, -1: z_i <= 0, 0: free).  Splits are taken with
+   the float margins of ``complete_mlp`` (active = exact z_i >= -m_i, inactive = exact z_i <= m_i), so
+   the two children of a split cover every point together with the phase torch picks there.
+2. Bound a batch of subdomains at once (``complete_mlp``): pre-activation bounds under the splits
+   (interval for layer 1 - exact on a box -, CROWN intersected with interval propagation after; a
+   split clamps its unit's bounds), subdomains with crossing bounds are empty and dropped; phases
+   (split, or stable by more than the margin); the gradient box [gL, gU]: the interval backward pass
+   intersected with a linear relaxation (mixed McCormick planes of every product d * v, the d's free
+   in their boxes: ``gradient_box_linear``);
+   the subdomain's bound  ub = || max(gU - g0, g0 - gL) ||_2  >= ||g_D - g0|| for every pattern D
+   compatible with the phases (each |g_j - g0_j| <= max(gU_j - g0_j, g0_j - gL_j)).
+3. A leaf (every phase known) has the single pattern D: its value v = ||g_D - g0||_2 is exact.  If
+   v > incumbent, one LP decides it (``leaf_program``): empty (even with the margin-widened
+   constraints) -> dropped; otherwise v is kept in the upper bound, and the LP's interior point is
+   scored on the real network (usually raising the incumbent to v).
+4. Prune subdomains with ub <= incumbent: their points cannot beat a deviation already reached.
+   Branch the others on the free unit with the largest score (``branch_scores``).
+5. Incumbent: sampling + softplus-surrogate PGD (``complete_attack``) first, then leaf witnesses.
+
+Soundness: every point x' of the ball lies, with torch's pattern P(x'), in some leaf of the split tree
+(step 1); a dropped subdomain contains no such point (crossing exact bounds, or an empty LP with
+margins), a pruned one has all its patterns' values <= ub <= lower; so the float64 deviation of the
+pattern, ||g_P - g0||, is at most max(incumbent, kept leaf values, open ub) (the incumbent as used for
+pruning).  Torch's float g(x') differs from g_P by at most the vector ``gradient_float_error`` (err), so
+    upper = max(incumbent, kept leaf values, open ub) + ||err||_2.
+The LP empty decision relies on HiGHS's optimality tolerance (1e-7, rows normalised; we demand
+1e-6 below the margin threshold).  "gap closed": gap <= max(tol * upper, 2 ||err||_2) (a gap of the
+size of the float widening cannot be closed by branching: e.g. a ball with one activation pattern has
+lower = 0 and upper = ||err||_2).  "exhausted": nothing left to
+branch (the gap is then at most the float widening, or a leaf whose LP point did not realise its
+pattern in float).  "budget": out of time; "memory": the open list hit ``max_memory_mb``.
+
+Objective "cosine" (``complete_objective``): the same search on the badness -cos(g(x), g(x')); then
+``lower`` is a certified lower bound on min cos over the ball, ``upper`` the cosine reached at the
+witness, and "gap closed" means upper - lower <= tol (absolute).  Torch's float error enters the node and
+leaf bounds directly (boxes widened by err).
+
+Supported: ReLU MLPs (Linear/ReLU, flatten first), l_inf, saliency, objectives "euclidean" and "cosine".
+Anything else is a ValueError (use ``certified_bound`` for a sound, incomplete bound on other networks:
+CNNs, max-pooling, smooth activations, l2, other attributions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .attribution import logit_gradient
+from .floatsafe import tf32_off
+from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
+from .complete_attack import attack, project, real_badness
+from .complete_mlp import (
+    DT,
+    ReluMLP,
+    _crown_upper,
+    _gamma,
+    branch_scores,
+    gradient_box,
+    gradient_box_linear,
+    gradient_float_error,
+    leaf_gradient,
+    leaf_program,
+    margins,
+    phases,
+    preact_bounds,
+    relu_mlp_from_chain,
+)
+from .complete_objective import OBJECTIVES, Objective
+from .gradgraph import check_chain, parse_chain
+from .result import BoundResult, tangent_cosine
+
+# one LP per live child (and layer-first branching): drops subdomains whose split constraints that are
+# linear in x are infeasible.  10x fewer subdomains measured, but about 10 ms per LP on a loaded 2-core
+# machine made it slower on hard nets; off by default.
+NODE_LP = False
+BETA_ITERS = 0  # steps of the layer-1 split dual (complete_mlp._split_dual) per bound; 0: plain CROWN
+
+
+@dataclass
+class CompleteResult(BoundResult):
+    """A ``BoundResult`` (kind "complete"; ``euclidean`` = ``upper``) plus, per sample:
+
+    lower:       deviation reached at ``witness`` (autograd on the real model), (B,)
+    upper:       sound bound on max ||g(x') - g(x)||_2 over the ball ∩ domain, (B,)
+    gap:         upper - lower, (B,)
+    witness:     x* (shape of x), in the ball ∩ domain, the model's dtype
+    subdomains:  subdomains bounded, (B,);  lp_calls: leaf programs solved, (B,)
+    stop_reason: "gap closed" | "exhausted" | "budget" | "memory" per sample
+    """
+
+    lower: torch.Tensor | None = None
+    upper: torch.Tensor | None = None
+    gap: torch.Tensor | None = None
+    witness: torch.Tensor | None = None
+    subdomains: torch.Tensor | None = None
+    lp_calls: torch.Tensor | None = None
+    stop_reason: list[str] = field(default_factory=list)
+    attribution_at_x: torch.Tensor | None = None
+
+    def rows(self) -> list[dict]:
+        out = super().rows()
+        for i, row in enumerate(out):
+            row.update(
+                lower=float(self.lower[i]),
+                upper=float(self.upper[i]),
+                gap=float(self.gap[i]),
+                subdomains=int(self.subdomains[i]),
+                stop_reason=self.stop_reason[i],
+            )
+        return out
+
+
+def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, max_memory_mb):
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
+    check_x(x)
+    eps = check_eps(eps)
+    norm = check_norm(norm)
+    if norm != "inf":
+        raise ValueError("complete_bound supports norm='inf' only (l2 needs a cone program per leaf)")
+    attribution = check_attribution(attribution)
+    if attribution != "saliency":
+        raise ValueError(
+            f"complete_bound supports attribution='saliency' only (got {attribution!r}): "
+            "gradient x input and IG are not constant on activation regions"
+        )
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"unsupported objective {objective!r}; complete_bound supports {', '.join(OBJECTIVES)}"
+        )
+    for name, value, ok in (
+        ("budget_s", budget_s, lambda v: v > 0),
+        ("tol", tol, lambda v: v >= 0),
+        ("max_memory_mb", max_memory_mb, lambda v: v > 0),
+    ):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(v) or not ok(v):
+            raise ValueError(
+                f"{name} must be a finite number {'>= 0' if name == 'tol' else '> 0'}, got {value!r}"
+            )
+    dom = check_domain(domain)
+    if dom is not None and ((x < dom[0] - 1e-6).any() or (x > dom[1] + 1e-6).any()):
+        raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
+    return eps, norm, attribution, dom
+
+
+@tf32_off
+def complete_bound(
+    model: nn.Module,
+    x: torch.Tensor,
+    eps: float,
+    norm: int | str = "inf",
+    attribution: str = "saliency",
+    objective: str = "euclidean",
+    budget_s: float = 10.0,
+    tol: float = 0.01,
+    target: torch.Tensor | int | None = None,
+    domain: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+    max_memory_mb: float = 512.0,
+    batch_size: int = 256,
+    threads: int | None = 1,
+    gradient_bound: str = "linear",
+) -> CompleteResult:
+    """Branch-and-bound on ReLU phases: per sample a reached deviation ``lower``, a sound ``upper`` and
+    the gap (see the module docstring for the proof).  ``budget_s``: wall-clock seconds per sample;
+    ``tol``: stop when upper - lower <= tol * upper (cosine: <= tol); ``max_memory_mb``: cap on the
+    open list and on the bounding batch; ``batch_size``: subdomains branched per bounding call;
+    ``threads``: torch threads during the call (restored after; default 1: the many small tensor ops
+    of branch-and-bound ran 8-30x faster single-threaded on a shared 2-core machine; None leaves
+    torch's setting);
+    ``gradient_bound``: "linear" (interval box intersected with the linear relaxation
+    ``gradient_box_linear``, default) or "interval" (the interval box alone)."""
+    if gradient_bound not in ("linear", "interval"):
+        raise ValueError(f"gradient_bound must be 'linear' or 'interval', got {gradient_bound!r}")
+    t0 = time.perf_counter()
+    eps, norm, attribution, dom = _check(
+        model, x, eps, norm, attribution, objective, budget_s, tol, domain, max_memory_mb
+    )
+    x = x.detach()
+    chain = parse_chain(model, tuple(x.shape[1:]))
+    mlp = relu_mlp_from_chain(chain, x.dtype)
+    check_chain(model, chain, x)
+    batch = x.shape[0]
+    with torch.no_grad():
+        logits = model(x)
+    if target is None:
+        target = logits.argmax(dim=1)
+    else:
+        target = torch.as_tensor(target).long().reshape(-1)
+        if target.numel() == 1 and batch > 1:
+            target = target.expand(batch).clone()
+        if target.shape[0] != batch or (target < 0).any() or (target >= chain.num_classes).any():
+            raise ValueError(f"target must hold one class index in [0, {chain.num_classes}) per sample")
+    # g(x) of each sample alone (batch of one), as a caller recomputing lower would
+    g_x = torch.cat([logit_gradient(model, x[i : i + 1], target[i : i + 1]).detach() for i in range(batch)])
+    rng = torch.Generator().manual_seed(int(seed))
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        per = [
+            _one_sample(
+                model,
+                mlp,
+                x[i],
+                int(target[i]),
+                g_x[i],
+                eps,
+                dom,
+                objective,
+                float(budget_s),
+                float(tol),
+                rng,
+                float(max_memory_mb),
+                int(batch_size),
+                gradient_bound,
+            )
+            for i in range(batch)
+        ]
+    finally:
+        torch.set_num_threads(saved_threads)
+    lower = torch.tensor([p["lower"] for p in per], dtype=DT)
+    upper = torch.tensor([p["upper"] for p in per], dtype=DT)
+    norm_g = g_x.flatten(1).to(DT).norm(dim=1)
+    if objective == "euclidean":
+        euclid = upper
+        cosine = torch.where(upper == 0, torch.ones_like(upper), tangent_cosine(upper, norm_g))
+    else:  # a cosine bound says nothing finite about the Euclidean deviation
+        euclid, cosine = torch.full_like(lower, float("inf")), lower
+    return CompleteResult(
+        kind="complete",
+        norm=norm,
+        eps=eps,
+        attribution=attribution,
+        euclidean=euclid,
+        cosine=cosine,
+        label_certified=torch.tensor([p["label"] for p in per]),
+        target=target,
+        time=time.perf_counter() - t0,
+        method="bab",
+        network="real",
+        details={"per_sample": [p["details"] for p in per]},
+        lower=lower,
+        upper=upper,
+        gap=upper - lower,
+        witness=torch.stack([p["witness"] for p in per]).reshape(x.shape),
+        subdomains=torch.tensor([p["subdomains"] for p in per]),
+        lp_calls=torch.tensor([p["lp_calls"] for p in per]),
+        stop_reason=[p["stop"] for p in per],
+        attribution_at_x=g_x,
+    )
+
+
+def _label_certified(mlp: ReluMLP, lows, highs, marg, xl, xu, target: int) -> bool:
+    """CROWN lower bound of every margin f_y - f_j > its float evaluation error (logit errors as in
+    ``complete_mlp.margins``: |W| E_K + 2 gamma_{h+2} (|W| H_K + |b|) + 1e-6 relative + 1e-7)."""
+    w, b = mlp.weights[-1], mlp.biases[-1]
+    if w.shape[0] < 2:
+        return True
+    others = [j for j in range(w.shape[0]) if j != target]
+    lam = (w[others] - w[target]).unsqueeze(0)  # upper bound of f_j - f_y
+    bias = (b[others] - b[target]).unsqueeze(0)
+    ub = _crown_upper(mlp, lam, bias, lows, highs, len(mlp.widths) - 1, xl, xu)[0]
+    h = highs[-1][0].clamp_min(0)
+    g = 2 * _gamma(w.shape[1] + 2, mlp.unit_roundoff) + 1e-6
+    err = w.abs() @ marg[-1] + g * (w.abs() @ h + b.abs()) + 1e-7  # as in ``margins``
+    return bool((ub + err[others] + err[target] < 0).all())
+
+
+def _one_sample(
+    model, mlp, x, target, g0_t, eps, dom, objective, budget, tol, rng, mem_mb, batch_size, gradient_bound
+) -> dict:
+    t_start = time.perf_counter()
+    shape, dtype = tuple(x.shape), x.dtype
+    x64 = x.reshape(-1).to(DT)
+    xl, xu = x64 - eps, x64 + eps
+    if dom is not None:
+        xl, xu = xl.clamp_min(dom[0]), xu.clamp_max(dom[1])
+        xl, xu = torch.minimum(xl, x64), torch.maximum(xu, x64)
+    g0 = g0_t.reshape(-1).to(DT)
+    marg = margins(mlp, xl, xu)
+    obj = Objective(objective, g0, gradient_float_error(mlp, target))
+    widen = obj.widen
+    root = torch.zeros(1, mlp.units, dtype=torch.int8)
+    lows, highs, _ = preact_bounds(mlp, root, xl, xu, marg)
+    label = _label_certified(mlp, lows, highs, marg, xl, xu, target)
+    if eps == 0.0:  # the ball is {x}: g(x') = g(x) exactly (same float evaluation)
+        pt = x.reshape(-1).clone()
+        val = float(real_badness(model, pt.unsqueeze(0), target, obj, shape)[0][0])
+        lower, upper = obj.report(val, val - widen)
+        return _pack(lower, upper, pt, 0, 0, "gap closed", label, {})
+    best, best_pt = attack(model, mlp, x64, xl, xu, target, obj, shape, dtype, rng)
+    t_attack = time.perf_counter() - t_start
+
+    state = {"best": best, "pt": best_pt, "kept": -float("inf"), "lp": 0, "subs": 0}
+    deadline = t_start + budget
+    bytes_per_node = mlp.units + 24
+    max_open = max(1024, int(mem_mb * 2**20 / 2 / bytes_per_node))
+    # bytes per subdomain in one bounding call: CROWN's (2 h_k, h_j) and (2 h_k, n) float64 coefficient
+    # matrices, about 6 live copies
+    dims = [mlp.n] + mlp.widths
+    per_bound = 8 * 6 * sum(2 * dims[k + 1] * (dims[k] + 2 * mlp.n) for k in range(len(mlp.widths)))
+    linear = gradient_bound == "linear"
+    chunk = max(2, min(2 * batch_size, int(mem_mb * 2**20 / 2 / per_bound)))
+
+    def bound(splits, parent_ub=None):
+        """Bound children; handle leaves at once; return (splits, ub, branch unit) of the open ones.
+        A child's ub is capped by its parent's (the child's set is a subset of the parent's)."""
+        keep_s, keep_ub, keep_br = [], [], []
+        for start in range(0, splits.shape[0], chunk):
+            s = splits[start : start + chunk]
+            if parent_ub is not None and time.perf_counter() > deadline:
+                # out of time: the rest stay open with their parent's bound (sound), never branched
+                keep_s.append(splits[start:])
+                keep_ub.append(parent_ub[start:])
+                keep_br.append(torch.full((splits.shape[0] - start,), -1, dtype=torch.long))
+                break
+            state["subs"] += s.shape[0]
+            lo, hi, empty = preact_bounds(mlp, s, xl, xu, marg, BETA_ITERS)
+            ph = phases(mlp, s, lo, hi, marg)
+            rec: list = []
+            gl, gu = gradient_box(mlp, ph, target, rec)
+            if linear:
+                ll, lu = gradient_box_linear(mlp, ph, target, rec)
+                gl, gu = torch.maximum(gl, ll), torch.minimum(gu, lu)
+            ub = obj.node(gl, gu)
+            if parent_ub is not None:
+                ub = torch.minimum(ub, parent_ub[start : start + chunk])
+            leaf = (ph != 0).all(dim=1) & ~empty
+            if leaf.any():
+                _leaves(s[leaf], ph[leaf])
+            live = ~empty & ~leaf & (ub > state["best"])
+            if NODE_LP and parent_ub is not None and live.any():
+                for i in torch.nonzero(live).flatten().tolist():
+                    if time.perf_counter() > deadline:
+                        break
+                    state["lp"] += 1
+                    if leaf_program(mlp, ph[i], s[i], xl, xu, marg)[0] == "empty":
+                        live[i] = False
+            if live.any():
+                sc = branch_scores(
+                    mlp,
+                    ph[live],
+                    [a[live] for a in lo],
+                    [a[live] for a in hi],
+                    [(a[live], b[live]) for a, b in rec],
+                    layer_first=NODE_LP,
+                )
+                keep_s.append(s[live])
+                keep_ub.append(ub[live])
+                keep_br.append(sc.argmax(dim=1))
+        if not keep_s:
+            return None
+        return torch.cat(keep_s), torch.cat(keep_ub), torch.cat(keep_br)
+
+    def _leaves(s, ph):
+        vals = obj.leaf(leaf_gradient(mlp, ph, target))
+        for i in vals.argsort(descending=True).tolist():
+            v = float(vals[i])
+            if v <= state["best"]:
+                break
+            if time.perf_counter() > deadline:  # no time for the LP: keep the value (sound)
+                state["kept"] = max(state["kept"], v)
+                break
+            status, xs, _t = leaf_program(mlp, ph[i], s[i], xl, xu, marg)
+            state["lp"] += 1
+            if status == "empty":
+                continue
+            state["kept"] = max(state["kept"], v)  # (initial -inf)
+            if xs is not None:
+                _witness(torch.as_tensor(xs), v)
+
+    def _witness(xs, v):
+        """Score the LP point on the real net; if torch's pattern there is not the leaf's (a thin region,
+        float rounding), also try points jittered by 1e-7 .. 1e-3 around it."""
+        pts = project(xs.unsqueeze(0), xl, xu, dtype)
+        dev, _ = real_badness(model, pts, target, obj, shape)
+        if float(dev[0]) < v - 2 * widen - 1e-3 * abs(v):
+            scale = torch.logspace(-7, -3, 64, dtype=DT).unsqueeze(1)
+            noise = (torch.rand(64, xs.numel(), generator=rng, dtype=DT) * 2 - 1) * scale
+            pts = project(xs.unsqueeze(0) + noise, xl, xu, dtype)
+            dev, _ = real_badness(model, pts, target, obj, shape)
+        i = int(dev.argmax())
+        if float(dev[i]) > state["best"]:
+            state["best"], state["pt"] = float(dev[i]), pts[i].clone()
+
+    out = bound(root)
+    open_s = out[0] if out else root[:0]
+    open_ub = out[1] if out else torch.zeros(0, dtype=DT)
+    open_br = out[2] if out else torch.zeros(0, dtype=torch.long)
+    stop = "exhausted"
+    while True:
+        keep = open_ub > state["best"]
+        open_s, open_ub, open_br = open_s[keep], open_ub[keep], open_br[keep]
+        top = float(open_ub.max()) if open_ub.numel() else -float("inf")
+        if obj.closed(max(state["best"], state["kept"], top), state["best"], tol):
+            stop = "gap closed"
+            break
+        if open_s.shape[0] == 0:
+            stop = "exhausted"
+            break
+        if time.perf_counter() > deadline:
+            stop = "budget"
+            break
+        if open_s.shape[0] > max_open:
+            stop = "memory"
+            break
+        k = min(batch_size, open_s.shape[0])
+        idx = open_ub.topk(k).indices
+        rest = torch.ones(open_s.shape[0], dtype=torch.bool)
+        rest[idx] = False
+        parents, br, pub = open_s[idx], open_br[idx], open_ub[idx]
+        kids = parents.repeat(2, 1)
+        rows = torch.arange(2 * k)
+        kids[rows, br.repeat(2)] = torch.cat([torch.ones(k), -torch.ones(k)]).to(torch.int8)
+        open_s, open_ub, open_br = open_s[rest], open_ub[rest], open_br[rest]
+        out = bound(kids, pub.repeat(2))
+        if out is not None:
+            open_s = torch.cat([open_s, out[0]])
+            open_ub = torch.cat([open_ub, out[1]])
+            open_br = torch.cat([open_br, out[2]])
+    # the reported lower: the witness alone, recomputed (reproducible by any caller bit for bit)
+    # (pruning used the incumbent as evaluated in a batch: keep that level in the upper bound too)
+    pruned_at = state["best"]
+    dev, _ = real_badness(model, state["pt"].unsqueeze(0), target, obj, shape)
+    state["best"] = float(dev[0])
+    top = float(open_ub.max()) if open_ub.numel() else -float("inf")
+    lower, upper = obj.report(state["best"], max(state["best"], pruned_at, state["kept"], top))
+    details = {
+        "open": int(open_s.shape[0]),
+        "attack_time": t_attack,
+        "time": time.perf_counter() - t_start,
+        "float_widening": widen,
+        "units": mlp.units,
+        "unstable_at_root": int((phases(mlp, root, lows, highs, marg) == 0).sum()),
+    }
+    return _pack(lower, upper, state["pt"], state["subs"], state["lp"], stop, label, details)
+
+
+def _pack(lower, upper, pt, subs, lp, stop, label, details) -> dict:
+    return {
+        "lower": lower,
+        "upper": upper,
+        "witness": pt,
+        "subdomains": subs,
+        "lp_calls": lp,
+        "stop": stop,
+        "label": label,
+        "details": details,
+    }
