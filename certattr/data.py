@@ -65,6 +65,9 @@ _INFO: dict[str, dict] = {
                     "dog", "frog", "horse", "ship", "truck"],
     },
 }
+from .data_tabular import TABULAR as _TABULAR
+
+_INFO.update({k: {kk: v[kk] for kk in ("in_shape", "num_classes", "classes")} for k, v in _TABULAR.items()})
 DATASETS = tuple(_INFO)
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar_10": "cifar10"}
@@ -91,7 +94,7 @@ def _check_split(split: str) -> str:
 
 
 def dataset_info(name: str) -> dict:
-    """``dict(in_shape=(C, H, W), num_classes=10, classes=[names])`` for a dataset name."""
+    """``dict(in_shape=(C, H, W) or (n,), num_classes, classes=[names])`` for a dataset name."""
     info = _INFO[_canonical(name)]
     return {"in_shape": tuple(info["in_shape"]), "num_classes": info["num_classes"],
             "classes": list(info["classes"])}
@@ -123,10 +126,15 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, *, cache
     """Load a dataset split as ``(x, y)``: x float32 (N, C, H, W) in [0, 1], y int64 (N,).
 
     ``root`` is a folder: required for ``idx`` and ``cifar10``; for ``mnist`` / ``fashion-mnist`` it
-    replaces the packaged source with IDX files.  ``cache=False`` skips the .npz cache.
+    replaces the packaged source with IDX files.  ``cache=False`` skips the .npz cache.  The tabular
+    sets (``breast-cancer``, ``wine``; :mod:`certattr.data_tabular`) give x of shape (N, n).
     """
     key = _canonical(name)
     split = _check_split(split)
+    if key in _TABULAR:
+        from .data_tabular import load_tabular
+
+        return load_tabular(key, split)
     folder = _check_root(root, key)
     sources, parse = _resolve(key, split, folder)
     if cache:

@@ -4,10 +4,16 @@ Two kinds of input:
 
 * raw attributions ``g`` of shape (B, ...) (any non-batch shape): :func:`euclidean`,
   :func:`cosine_similarity`, :func:`cosine_distance`;
-* attribution *maps* ``m`` (``m_ij = sum_c |g_cij|``, see :func:`certattr.attributions.attribution_map`)
-  of shape (B, H, W) or flattened (B, n): :func:`topk_intersection`, :func:`kendall_tau`,
+* attribution *maps* for the rank metrics :func:`topk_intersection`, :func:`kendall_tau`,
   :func:`spearman`; the spatial metrics :func:`center_of_mass_shift`, :func:`lens_recall`,
-  :func:`lens_precision` and :func:`topk_div` need the (B, H, W) grid.
+  :func:`lens_precision` and :func:`topk_div` need a (B, H, W) grid.
+
+Any model input (SPEC 9.5): every map metric takes an attribution or a map of shape (B, C, H, W),
+(B, H, W) or (B, n) and applies the map rule of SPEC 1 first (:func:`as_map`):
+``m = sum_c |g_c|`` for (B, C, H, W) (channels collapsed, grid kept), ``m = |g|`` for (B, H, W) and
+(B, n).  A map (>= 0) passes through unchanged, so maps and raw attributions give the same values.
+Tabular (B, n) inputs have no grid: the spatial metrics refuse them (``dissimilarities`` reports nan
+for the centre-of-mass shift).  :func:`default_k` derives a top-k from the number of map entries.
 
 Every metric returns a (B,) tensor on the input's device (one value per sample) and never loops over
 samples in Python.  Maps are >= 0 in practice, but nothing here assumes it.
@@ -32,11 +38,13 @@ __all__ = [
     "METRICS",
     "ON_MAPS",
     "SIMILARITIES",
+    "as_map",
     "average_ranks",
     "center_of_mass",
     "center_of_mass_shift",
     "cosine_distance",
     "cosine_similarity",
+    "default_k",
     "dissimilarities",
     "euclidean",
     "get_metric",
@@ -52,6 +60,24 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- validation helpers
+
+def as_map(t: torch.Tensor, *, name: str = "m") -> torch.Tensor:
+    """The map rule (SPEC 1) on an attribution or map: (B,C,H,W) -> sum_c |g_c| as (B,H,W);
+    (B,H,W) and (B,n) -> |g| (a map >= 0 is unchanged).  Other ranks raise a CertattrError."""
+    check_input(t, name=name)
+    if t.dim() == 4:
+        return t.abs().sum(dim=1)
+    if t.dim() in (2, 3):
+        return t.abs()
+    raise CertattrError(f"{name} must be an attribution or map of shape (B,C,H,W), (B,H,W) or (B,n); "
+                        f"got {t.dim()} dimensions {tuple(t.shape)}")
+
+
+def default_k(n: int) -> int:
+    """Top-k for a map of ``n`` entries when none is given: 100 on MNIST-sized maps and larger
+    (SPEC 2), else about 12.8% of the entries (100 / 784), at least 1: ``min(100, max(1, ceil(0.128 n)))``."""
+    return int(min(100, max(1, math.ceil(0.128 * int(n)))))
+
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], ndim=None):
     """Both finite floating tensors of the same shape and device; promoted to a common dtype."""
@@ -69,20 +95,23 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], ndi
 
 
 def _check_maps(m1: torch.Tensor, m2: torch.Tensor, *, grid: bool = False):
-    """Maps (B,H,W) or (B,n) (``grid=True``: only (B,H,W))."""
+    """Two attributions or maps of one shape, (B,C,H,W), (B,H,W) or (B,n), through :func:`as_map`
+    (``grid=True``: a (B,H,W) grid is needed, so (B,n) is refused)."""
     if grid:
         for name, m in (("m1", m1), ("m2", m2)):
             if isinstance(m, torch.Tensor) and m.dim() == 2:
                 raise CertattrError(f"{name} is flat {tuple(m.shape)}: this metric needs (B,H,W) maps "
                                     "(reshape the flattened map to its image grid)")
-    return _check_pair(m1, m2, names=("m1", "m2"), ndim=3 if grid else (2, 3))
+    m1, m2 = _check_pair(m1, m2, names=("m1", "m2"), ndim=(2, 3, 4))
+    return as_map(m1, name="m1"), as_map(m2, name="m2")
 
 
 def _check_map(m: torch.Tensor, *, grid: bool = False) -> torch.Tensor:
     if grid and isinstance(m, torch.Tensor) and m.dim() == 2:
         raise CertattrError(f"m is flat {tuple(m.shape)}: this metric needs (B,H,W) maps "
                             "(reshape the flattened map to its image grid)")
-    return check_input(m, name="m", ndim=3 if grid else (2, 3))
+    check_input(m, name="m", ndim=(2, 3, 4))
+    return as_map(m)
 
 
 def _check_k(k, n: int) -> int:
@@ -155,7 +184,9 @@ def topk_indices(m: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_mask(m: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of ``T_k(m)``, same shape as ``m`` (tie rule of :func:`topk_indices`)."""
+    """Boolean mask of ``T_k(m)``, shaped like the map of ``m`` (channels collapsed; tie rule of
+    :func:`topk_indices`)."""
+    m = _check_map(m)
     idx = topk_indices(m, k)
     mask = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool, device=m.device)
     return mask.scatter_(1, idx, True).reshape(m.shape)
@@ -358,24 +389,29 @@ def topk_div(m: torch.Tensor, k: int, w: int = 3) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- bundle and registry
 
-def dissimilarities(g1: torch.Tensor, g2: torch.Tensor, k: int = 100) -> dict[str, torch.Tensor]:
-    """The standard metric set for two raw attributions (B,C,H,W) (or (B,H,W)).
+def dissimilarities(g1: torch.Tensor, g2: torch.Tensor, k: int | None = 100) -> dict[str, torch.Tensor]:
+    """The standard metric set for two raw attributions (B,C,H,W), (B,H,W) or (B,n).
 
     euclidean and cosine (similarity) on the raw attributions; topk_intersection, kendall, spearman on
-    the maps ``m = sum_c |g_c|`` (flattened); center_of_mass_shift on the maps as (B,H,W).
+    the maps ``m = sum_c |g_c|`` (flattened); center_of_mass_shift on the maps as (B,H,W) (nan for
+    tabular (B,n) inputs, which have no grid).  ``k=None``: :func:`default_k` of the map size.
     """
-    g1, g2 = _check_pair(g1, g2, names=("g1", "g2"), ndim=(3, 4))
-    h, w = g1.shape[-2:]
+    g1, g2 = _check_pair(g1, g2, names=("g1", "g2"), ndim=(2, 3, 4))
     m1 = attribution_map(g1).detach()
     m2 = attribution_map(g2).detach()
-    k = _check_k(k, m1.shape[1])
+    k = _check_k(default_k(m1.shape[1]) if k is None else k, m1.shape[1])
+    if g1.dim() >= 3:
+        h, w = g1.shape[-2:]
+        shift = center_of_mass_shift(m1.reshape(-1, h, w), m2.reshape(-1, h, w))
+    else:
+        shift = torch.full((g1.shape[0],), math.nan, dtype=m1.dtype, device=m1.device)
     return {
         "euclidean": euclidean(g1, g2),
         "cosine": cosine_similarity(g1, g2),
         "topk_intersection": topk_intersection(m1, m2, k),
         "kendall": kendall_tau(m1, m2),
         "spearman": spearman(m1, m2),
-        "center_of_mass_shift": center_of_mass_shift(m1.reshape(-1, h, w), m2.reshape(-1, h, w)),
+        "center_of_mass_shift": shift,
     }
 
 

@@ -29,7 +29,9 @@ def _flat_size(features: nn.Module, in_shape: tuple[int, int, int]) -> int:
 
 
 def mlp(in_shape=(1, 28, 28), num_classes=10, activation="relu", beta=10.0, hidden=(256, 256)) -> nn.Sequential:
-    """Fully connected net: Flatten, then Linear + activation per hidden width, then Linear."""
+    """Fully connected net: Flatten, then Linear + activation per hidden width, then Linear.
+
+    ``in_shape`` (C, H, W) for images or (n,) for tabular (B, n) inputs (Flatten leaves those as they are)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = int(torch.tensor(in_shape).prod())
     for h in hidden:
@@ -91,8 +93,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
     kwargs.setdefault("in_shape", (1, 28, 28))
     kwargs.setdefault("num_classes", 10)
     kwargs["in_shape"] = tuple(int(v) for v in kwargs["in_shape"])
-    if len(kwargs["in_shape"]) != 3:
-        raise CertattrError(f"in_shape must be (C, H, W), got {kwargs['in_shape']}")
+    if len(kwargs["in_shape"]) != 3 and not (name == "mlp" and len(kwargs["in_shape"]) == 1):
+        raise CertattrError(f"in_shape must be (C, H, W) (or (n,) for a tabular mlp), got {kwargs['in_shape']}")
     try:
         model = ZOO[name](**kwargs)
     except TypeError as exc:

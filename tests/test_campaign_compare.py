@@ -101,7 +101,8 @@ def test_compare_values_and_practical_warning(tmp_path, capsys):
     out = tmp_path / "cmp.tsv"
     assert main(["compare", str(path), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "warning: practical bound exceeded by attacks on 2" in captured.err
+    assert "warning: practical bound exceeded on 2 of 4 tested" in captured.err
+    assert "certified bound: 0 violations on 4 tested" in captured.err
     assert "ERROR" not in captured.err
     lines = out.read_text().splitlines()
     header = lines[0].split("\t")

@@ -5,6 +5,11 @@ et al.'s evaluation protocol.
     adv = pgd(model, x, y, eps=0.3, norm="inf", steps=40, step_size=0.01)
     res = ifia(model, x, eps=0.3, kind="topk", attribution="saliency", k=100)
     res = deviation_attack(model, x, eps=0.1, norm="inf", objective="euclidean")
+    res = smoothed_attack(model, x, eps=0.5, norm=2, radius=1.0)   # on the smoothed attribution h
+
+Attacks take (B, C, H, W), (B, H, W) and tabular (B, n) batches; ``k`` defaults to
+:func:`certattr.metrics.default_k` of the map size.  ``AttackResult.measured_on`` says which function
+the reported deviations were measured on (the real net, a softplus surrogate, or a smoothed h).
 
 All are batched over samples and restarts (restarts are stacked into the batch), work under l_inf and
 l_2, keep every iterate in the ball ∩ domain, and are reproducible: the randomness of a sample
@@ -15,6 +20,7 @@ from .deviation import deviation_attack
 from .ifia import ifia
 from .pgd import pgd
 from .protocol import ProtocolResult, evaluate_attribution_robustness
+from .smoothed import smoothed_attack, smoothed_key
 
 __all__ = [
            "AttackResult",
@@ -25,4 +31,6 @@ __all__ = [
            "max_violation",
            "pgd",
            "project",
+           "smoothed_attack",
+           "smoothed_key",
 ]

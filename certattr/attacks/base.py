@@ -381,6 +381,12 @@ class AttackResult:
     euclidean .. center_of_mass_shift: ``certattr.metrics.dissimilarities(g(x), g(x_adv), k)``, g on the
                 real network, w.r.t. the label of the clean input
     network:    which network gave the attack's gradients, e.g. "softplus-surrogate(beta=10)"
+    measured_on: which function the reported deviations were measured on (SPEC 9.3): "real" (the
+                real network's attribution, the default), "softplus-surrogate(beta=B)" (the surrogate
+                whose first-order model a practical bound describes) or "smoothed(...)" (the smoothed
+                attribution h of a smoothed certificate); compare pairs bounds with attacks by it
+    extras:     per-sample tensors stored beside the metrics (e.g. the Monte Carlo confidence
+                bounds of the smoothed attack)
     """
 
     x_adv: torch.Tensor
@@ -405,6 +411,8 @@ class AttackResult:
     network: str
     criterion: torch.Tensor | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    measured_on: str = "real"
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x_adv.shape[0])
@@ -420,18 +428,33 @@ class AttackResult:
         labels = self.label.cpu().tolist()
         return [{"kind": self.kind, "attribution": self.attribution, "norm": self.norm, "eps": self.eps,
                  "label": labels[i], "label_kept": bool(kept[i]), **{k: v[i] for k, v in cols.items()},
-                 "network": self.network, "time": per_sample} for i in range(len(self))]
+                 "network": self.network, "measured_on": self.measured_on, "time": per_sample}
+                for i in range(len(self))]
 
 
 def finish(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, g0: torch.Tensor,
            attribution: str, ig_steps: int, k: int, eps: float, norm: str, domain, found: torch.Tensor,
-           started: float, **fields) -> AttackResult:
-    """Check feasibility, evaluate g(x_adv) on the real net and build the AttackResult."""
+           started: float, measure_net: nn.Module | None = None, **fields) -> AttackResult:
+    """Check feasibility, evaluate g(x_adv) (on ``measure_net`` if given, else the real net; the label
+    always on the real net) and build the AttackResult."""
     from ..metrics import dissimilarities
 
     assert_feasible(x_adv, x, eps, norm, domain)
-    kept, g_adv = real_eval(model, x_adv, y, attribution, ig_steps)
+    kept, g_adv = measured_eval(model, measure_net, x_adv, y, attribution, ig_steps)
     with torch.no_grad():
         dis = dissimilarities(g0, g_adv, k)
     return AttackResult(x_adv=x_adv.detach(), label=y, label_kept=kept, found=found, eps=eps, norm=norm,
                         attribution=attribution, k=k, time=time.perf_counter() - started, **dis, **fields)
+
+
+def measured_eval(model: nn.Module, measure_net: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+                  attribution: str, ig_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label kept on the REAL network, attribution on ``measure_net``); :func:`real_eval` when it is
+    None or the model itself."""
+    if measure_net is None or measure_net is model:
+        return real_eval(model, x, y, attribution, ig_steps)
+    with torch.no_grad():
+        kept = model(x.detach()).argmax(dim=1) == y
+    with torch.enable_grad():
+        g = attribution_fn(attribution, ig_steps)(measure_net, x.detach(), y).detach()
+    return kept, g

@@ -39,9 +39,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..attributions import attribution_map
 from ..errors import CertattrError, check_choice, check_eps, check_norm
-from ..metrics import cosine_similarity
-from ..models import has_relu
+from ..metrics import cosine_similarity, default_k
+from ..models import has_relu, softplus_surrogate
 from .base import (
     AttackResult,
     BestTracker,
@@ -53,8 +54,8 @@ from .base import (
     check_step_size,
     finish,
     max_violation,
+    measured_eval,
     project,
-    real_eval,
     resolve_labels,
     row_beta_surrogate,
     sample_keys,
@@ -116,10 +117,12 @@ def deviation_attack(
     samples: int = 0,
     schedule: str = "cosine",
     start: str = "ball",
-    k: int = 100,
+    k: int | None = None,
     ig_steps: int = 50,
     attack_ig_steps: int = 10,
     label_penalty: float = 0.05,
+    measure: str = "real",
+    measure_beta: float = 10.0,
 ) -> AttackResult:
     """Search ``B_p(x, eps)`` for the label-preserving x' with the largest attribution deviation.
 
@@ -130,13 +133,20 @@ def deviation_attack(
     "boundary" (random vertex / sphere point) or "center" (x itself).  ``target``: labels (None: the
     real model's argmax at x).  ``k``: the k of the reported top-k intersection.  IG uses
     ``attack_ig_steps`` path points for the surrogate gradient and ``ig_steps`` on the real network.
-    Returns an AttackResult (metrics on the real network; ``criterion``: the best objective value,
-    the Euclidean deviation or the cosine similarity; nan where no label-preserving point was found).
+    ``measure``: the function whose deviation is maximised and reported: "real" (the real network's
+    attribution) or "surrogate" (the softplus_beta surrogate with beta = ``measure_beta``: the network
+    whose first-order model :func:`bounds.practical_bound` describes for a ReLU net, so that bound is
+    checked against the function it bounds, SPEC 9.3).  A net without ReLUs is its own surrogate
+    ("real").  The label is always checked on the real network.
+    Returns an AttackResult (``measured_on`` names the measured function; ``criterion``: the best
+    objective value, the Euclidean deviation or the cosine similarity; nan where no label-preserving
+    point was found).
     """
     started = time.perf_counter()
     x, dom = check_batch(x, domain)
-    if x.dim() not in (3, 4):
-        raise CertattrError(f"deviation_attack needs image batches (B, C, H, W) or (B, H, W), got {tuple(x.shape)}")
+    if x.dim() not in (2, 3, 4):
+        raise CertattrError(f"deviation_attack needs (B, C, H, W), (B, H, W) or tabular (B, n) batches, "
+                            f"got {tuple(x.shape)}")
     eps = check_eps(eps)
     norm = check_norm(norm)
     objective = check_choice(objective, OBJECTIVES, what="deviation objective")
@@ -150,20 +160,29 @@ def deviation_attack(
     start = check_choice(start, ("ball", "boundary", "center"), what="start")
     ig_steps = check_positive_int(ig_steps, "ig_steps")
     attack_ig_steps = check_positive_int(attack_ig_steps, "attack_ig_steps")
-    h, w = x.shape[-2:]
-    k = check_positive_int(k, "k")
-    if k > h * w:
-        raise CertattrError(f"k={k} is larger than the number of pixels {h * w}")
+    n_map = attribution_map(x[:1]).shape[1]  # map entries: H*W for images, n for tabular rows
+    k = default_k(n_map) if k is None else check_positive_int(k, "k")
+    if k > n_map:
+        raise CertattrError(f"k={k} is larger than the number of map entries {n_map}")
     betas = [float(b) for b in (betas if isinstance(betas, (list, tuple)) else [betas])]
     if not betas or min(betas) <= 0:
         raise CertattrError(f"betas must be a non-empty list of numbers > 0, got {betas!r}")
     alpha = check_step_size(step_size) if step_size is not None else (10.0 * eps / max(steps, 1) or 1.0)
     label_penalty = check_eps(label_penalty, name="label_penalty")
+    measure = check_choice(measure, ("real", "surrogate"), what="measure")
     batch = x.shape[0]
 
     y = resolve_labels(model, x, target)
-    _, g0 = real_eval(model, x, y, attribution, ig_steps)
     relu = has_relu(model)
+    measure_net, measured_on = None, "real"
+    if measure == "surrogate" and relu:
+        if not (isinstance(measure_beta, (int, float)) and math.isfinite(measure_beta) and measure_beta > 0):
+            raise CertattrError(f"measure_beta must be a finite number > 0, got {measure_beta!r}")
+        measure_net = softplus_surrogate(model, float(measure_beta))
+        for p in measure_net.parameters():
+            p.requires_grad_(False)
+        measured_on = f"softplus-surrogate(beta={float(measure_beta):g})"
+    _, g0 = measured_eval(model, measure_net, x, y, attribution, ig_steps)
     chain_betas = [betas[r % len(betas)] for r in range(restarts)]
     network = (f"softplus-surrogate(beta={','.join(f'{b:g}' for b in sorted(set(chain_betas)))})" if relu
                else "real (no ReLU)")
@@ -219,7 +238,7 @@ def deviation_attack(
         ye = torch.cat(parts_y) if len(parts_y) > 1 else parts_y[0]
         g0e = torch.cat(parts_g0) if len(parts_g0) > 1 else parts_g0[0]
         violation = torch.maximum(violation, max_violation(xe, x0_all, eps, norm, dom))
-        kept, g = real_eval(model, xe, ye, attribution, ig_steps)
+        kept, g = measured_eval(model, measure_net, xe, ye, attribution, ig_steps)
         best.update(xe, _deviation(objective, g, g0e), kept)
     if float(violation) > 1e-6:
         raise RuntimeError(f"deviation iterate left the ball or the domain by {float(violation):.3g}")
@@ -228,6 +247,7 @@ def deviation_attack(
     value = torch.where(found, value, torch.full_like(value, float("nan")))
     value = -value if objective == "euclidean" else value
     return finish(model, x, x_adv, y, g0, attribution, ig_steps, k, eps, norm, dom, found, started,
+                  measure_net=measure_net, measured_on=measured_on,
                   kind=f"deviation-{objective}", steps=steps, restarts=restarts, seed=int(seed),
                   network=network, criterion=value.to(x.dtype),
                   details={"betas": chain_betas, "samples": samples, "schedule": schedule,

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..attributions import attribution_map
 from ..errors import CertattrError, check_choice, check_eps, check_norm
+from ..metrics import default_k
 from ..models import has_relu, softplus_surrogate
 from .base import (
     AttackResult,
@@ -76,7 +77,7 @@ def ifia(
     norm: str | int = "inf",
     kind: str = "topk",
     attribution: str = "saliency",
-    k: int = 100,
+    k: int | None = None,
     steps: int = 100,
     step_size: float = 0.01,
     surrogate_beta: float = 10.0,
@@ -90,7 +91,10 @@ def ifia(
     attack_ig_steps: int = 10,
     random_start: bool | None = None,
 ) -> AttackResult:
-    """Run IFIA ``kind`` on a batch x (B, C, H, W); see the module docstring for the algorithm.
+    """Run IFIA ``kind`` on a batch x (B, C, H, W), (B, H, W) or tabular (B, n); see the module docstring.
+
+    ``k``: the top-k (default :func:`certattr.metrics.default_k` of the map size: 100 on MNIST).
+    Tabular (B, n) inputs have no pixel grid: kinds "topk" and "random" only.
 
     Restart 0 starts at x (as in the paper); restarts r >= 1 start at a uniform random point of the
     ball (``random_start``: None = that rule, True = every restart random, False = every restart at
@@ -101,8 +105,8 @@ def ifia(
     """
     started = time.perf_counter()
     x, dom = check_batch(x, domain)
-    if x.dim() not in (3, 4):
-        raise CertattrError(f"ifia needs image batches (B, C, H, W) or (B, H, W), got shape {tuple(x.shape)}")
+    if x.dim() not in (2, 3, 4):
+        raise CertattrError(f"ifia needs (B, C, H, W), (B, H, W) or tabular (B, n) batches, got shape {tuple(x.shape)}")
     eps = check_eps(eps)
     norm = check_norm(norm)
     kind = check_choice(kind, KINDS, what="IFIA kind")
@@ -112,11 +116,13 @@ def ifia(
     restarts = check_positive_int(restarts, "restarts")
     ig_steps = check_positive_int(ig_steps, "ig_steps")
     attack_ig_steps = check_positive_int(attack_ig_steps, "attack_ig_steps")
-    h, w = x.shape[-2:]
+    h, w = x.shape[-2:] if x.dim() >= 3 else (1, x.shape[1])
     n_pix = h * w
-    k = check_positive_int(k, "k")
+    if x.dim() == 2 and kind in ("mass_center", "targeted"):
+        raise CertattrError(f"IFIA kind {kind!r} needs an image grid; a tabular (B, n) batch takes topk or random")
+    k = default_k(n_pix) if k is None else check_positive_int(k, "k")
     if k > n_pix:
-        raise CertattrError(f"k={k} is larger than the number of pixels {n_pix}")
+        raise CertattrError(f"k={k} is larger than the number of map entries {n_pix}")
     if float(surrogate_beta) <= 0:
         raise CertattrError(f"surrogate_beta must be > 0, got {surrogate_beta}")
     batch = x.shape[0]

@@ -9,7 +9,7 @@ A campaign is the grid  checkpoints x samples[start:start+n] x attributions x no
     checkpoints = ["zoo:cnn-small@mnist:quick", "runs/my-model"]
 
     [data]
-    dataset = "mnist"           # mnist | fashion-mnist | idx | cifar10
+    dataset = "mnist"           # mnist | fashion-mnist | idx | cifar10 | breast-cancer | wine (tabular)
     split = "test"              # optional, default "test"
     root = "path"               # optional (idx, cifar10)
     start = 0                   # optional, default 0
@@ -21,18 +21,24 @@ A campaign is the grid  checkpoints x samples[start:start+n] x attributions x no
     eps = [0.01, 0.05]          # one list for every norm, or a table { inf = [...], 2 = [...] }
 
     [[attacks]]
-    name = "ifia"               # ifia | deviation | pgd
+    name = "ifia"               # ifia | deviation | pgd | smoothed
     label = "ifia-topk"         # optional; the method name stored in the results (unique)
     restarts = 2                # each restart is its own row (and work unit), seeded apart
     params = { kind = "topk", k = 100, steps = 20, step_size = 0.01 }
     # step_size_rel = 0.25      # instead of step_size: step = 0.25 * eps at every eps of the grid
 
     [[bounds]]
-    kind = "certified"          # practical | certified | smoothed
+    kind = "certified"          # practical | certified | smoothed | complete
     params = { method = "crown" }
 
+Pairing (SPEC 9.3): each attack records which function its deviations were measured on, and
+compare checks each bound against the attacks on the function it bounds: a certified bound against
+attacks on the real network; a practical bound on a ReLU net against a deviation attack with
+``measure = "surrogate"`` and ``measure_beta`` equal to the bound's ``surrogate_beta`` (default 10);
+a smoothed certificate against a ``smoothed`` attack with the same ``radius``.
+
 ``params`` are keyword arguments of the attack / bound function (``certattr.attacks.ifia``,
-``deviation_attack``, ``pgd``; ``bounds.practical_bound``, ``certified_bound``,
+``deviation_attack``, ``pgd``, ``smoothed_attack``; ``bounds.practical_bound``, ``certified_bound``,
 ``smoothed_certificate``): the common ones are type-checked here, any other keyword the function takes
 is passed through, anything else is an error.  The campaign sets model, x, eps, norm, attribution,
 target (the clean prediction), domain, restarts and seed itself.  The smoothed certificate is an l2
@@ -59,7 +65,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-DATASETS = ("mnist", "fashion-mnist", "idx", "cifar10")
+DATASETS = ("mnist", "fashion-mnist", "idx", "cifar10", "breast-cancer", "wine")
 ATTRIBUTIONS = ("saliency", "grad_x_input", "ig", "smoothgrad")
 BOUND_ATTRIBUTIONS = ("saliency", "grad_x_input", "ig")
 
@@ -68,11 +74,13 @@ ATTACK_FUNCS = {
     "ifia": ("certattr.attacks", "ifia"),
     "deviation": ("certattr.attacks", "deviation_attack"),
     "pgd": ("certattr.attacks", "pgd"),
+    "smoothed": ("certattr.attacks", "smoothed_attack"),
 }
 BOUND_FUNCS = {
     "practical": ("bounds", "practical_bound"),
     "certified": ("bounds", "certified_bound"),
     "smoothed": ("bounds", "smoothed_certificate"),
+    "complete": ("bounds", "complete_bound"),  # branch and bound on ReLU phases (ReLU MLPs; issue 10)
 }
 
 # Known parameters: key -> (type, check, description of the check).  Keys outside these tables are
@@ -92,14 +100,20 @@ ATTACK_PARAMS: dict[str, dict[str, tuple]] = {
              "steps": _POS_INT, "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT,
              "surrogate_beta": _POS_FLOAT},
     "deviation": {"objective": _choice("euclidean", "cosine"), "steps": _POS_INT,
-                  "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT, "k": _POS_INT},
+                  "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT, "k": _POS_INT,
+                  "measure": _choice("real", "surrogate"), "measure_beta": _POS_FLOAT},
     "pgd": {"steps": _POS_INT, "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT},
+    "smoothed": {"radius": _POS_FLOAT, "objective": _choice("euclidean", "cosine"), "steps": _POS_INT,
+                 "step_size": _POS_FLOAT, "step_size_rel": _POS_FLOAT, "noise_samples": _POS_INT,
+                 "eval_samples": _POS_INT, "alpha_eval": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+                 "surrogate_beta": _POS_FLOAT, "k": _POS_INT},
 }
 BOUND_PARAMS: dict[str, dict[str, tuple]] = {
     "practical": {"surrogate_beta": _POS_FLOAT},
     "certified": {"method": _choice("crown", "ibp")},
     "smoothed": {"radius": _POS_FLOAT, "n_samples": _POS_INT,
                  "alpha": (float, lambda v: 0 < v < 1, "a number in (0, 1)")},
+    "complete": {"budget_s": _POS_FLOAT, "tol": _POS_FLOAT, "objective": _choice("euclidean", "cosine")},
 }
 # arguments the runner sets itself: never allowed in params
 RESERVED = frozenset({"model", "x", "y", "eps", "norm", "attribution", "target", "restarts", "seed", "domain"})
@@ -351,7 +365,10 @@ def _default_label(family: str, name: str, params: dict) -> str:
     if family == "attack" and name == "ifia":
         return f"ifia-{params.get('kind', 'topk')}"
     if family == "attack" and name == "deviation":
-        return f"deviation-{params.get('objective', 'euclidean')}"
+        suffix = "-surrogate" if params.get("measure") == "surrogate" else ""
+        return f"deviation-{params.get('objective', 'euclidean')}{suffix}"
+    if family == "attack" and name == "smoothed":
+        return f"smoothed-{params.get('objective', 'euclidean')}"
     if family == "bound" and name == "certified" and params.get("method", "crown") != "crown":
         return f"certified-{params['method']}"
     return name

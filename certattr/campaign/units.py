@@ -241,17 +241,25 @@ def result_rows(unit: Unit, res: Any, correct: list, per_sample_time: float) -> 
     extras: dict[str, list | None] = {}
     if unit.family == "bound":
         extras["abstain"] = _per_sample(getattr(res, "abstain", None), batch)
+        if getattr(res, "kind", "") == "complete":  # branch and bound: the reached deviation and the gap
+            for key in ("lower", "upper", "gap", "subdomains", "stop_reason"):
+                extras[key] = _per_sample(getattr(res, key, None), batch)
+    else:
+        for key, vals in (getattr(res, "extras", None) or {}).items():
+            extras[key] = _per_sample(vals, batch)
     unit_info = {}  # the same for every row: stored once per (ckpt, method, restart)
     for attr in ("network", "method"):
         v = getattr(res, attr, None)
         if isinstance(v, str) and v:
             unit_info[attr] = v
+    unit_info.update(pairing_info(unit, res))
     rows = []
     for i, sample in enumerate(unit.samples):
         extra = {}
         for k, vals in extras.items():
             if vals is not None:
-                extra[k] = bool(vals[i]) if isinstance(vals[i], bool) else vals[i]
+                extra[k] = bool(vals[i]) if isinstance(vals[i], bool) else (
+                    _finite(vals[i]) if isinstance(vals[i], float) else vals[i])
         rows.append({
             "ckpt": unit.ckpt, "attribution": unit.attribution, "norm": unit.norm, "eps": unit.eps,
             "method": unit.method, "restart": unit.restart, "sample": sample, "family": unit.family,
@@ -262,6 +270,25 @@ def result_rows(unit: Unit, res: Any, correct: list, per_sample_time: float) -> 
             "correct": bool(correct[i]), "time": per_sample_time, "extra": extra, "unit_info": unit_info,
         })
     return rows
+
+
+def pairing_info(unit: Unit, res: Any) -> dict[str, Any]:
+    """What compare pairs by (SPEC 9.3): an attack's ``measured_on`` (the function its deviations were
+    measured on); a bound's ``pairs_with`` (the function it bounds) and, for the smoothed certificate,
+    its ``alpha``."""
+    if unit.family == "attack":
+        return {"measured_on": str(getattr(res, "measured_on", "real") or "real")}
+    if unit.name == "smoothed":
+        from ..attacks.smoothed import smoothed_key
+
+        p = unit.params
+        return {"pairs_with": smoothed_key(float(getattr(res, "radius", p.get("radius", 1.0))),
+                                           bool(p.get("normalize", True)), float(p.get("clip_norm", 1.0))),
+                "alpha": float(getattr(res, "alpha", p.get("alpha", 0.001)))}
+    if unit.name == "practical":
+        net = str(getattr(res, "network", "real"))
+        return {"pairs_with": net if net.startswith("softplus-surrogate") else "real"}
+    return {"pairs_with": "real"}
 
 
 def _finite(v) -> float | None:

@@ -41,9 +41,11 @@ def resolve_checkpoint(ref: str, *, device: str = "cpu", progress: bool = True) 
 
 def train_zoo_model(model_name: str, dataset: str, out: str | Path, *, recipe: str = "quick",
                     device: str = "cpu", progress: bool = True, seed: int = 0, threads: int | None = 1,
-                    **overrides) -> dict:
+                    activation: str = "relu", beta: float = 10.0, **overrides) -> dict:
     """Train ``model_name`` naturally on ``dataset`` with a recipe (overrides: epochs, batch_size,
     n_train, max_steps, lr) and save a certattr checkpoint at ``out``; returns fit's summary.
+    ``activation``: "relu" (the zoo default) or "softplus" with ``beta`` (softplus_beta(z) =
+    log(1 + exp(beta z)) / beta, a smooth network whose own input-Hessian the practical bound uses).
 
     ``threads``: torch intra-op threads while training (default 1: these small nets train fastest
     single-threaded on CPU, and a busy machine cannot stall them; measured for cnn-small "quick" on a
@@ -55,12 +57,13 @@ def train_zoo_model(model_name: str, dataset: str, out: str | Path, *, recipe: s
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        return _train(model_name, dataset, out, recipe, device, progress, seed, overrides)
+        return _train(model_name, dataset, out, recipe, device, progress, seed, overrides,
+                      {"activation": activation, "beta": float(beta)} if activation != "relu" else {})
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(model_name, dataset, out, recipe, device, progress, seed, overrides) -> dict:
+def _train(model_name, dataset, out, recipe, device, progress, seed, overrides, arch=None) -> dict:
     import torch
 
     from ..data import dataset_info, load_dataset
@@ -75,7 +78,7 @@ def _train(model_name, dataset, out, recipe, device, progress, seed, overrides) 
         x, y = x[: cfg["n_train"]], y[: cfg["n_train"]]
     xt, yt = load_dataset(dataset, "test")
     torch.manual_seed(seed)
-    model = build_model(model_name, in_shape=info["in_shape"], num_classes=info["num_classes"])
+    model = build_model(model_name, in_shape=info["in_shape"], num_classes=info["num_classes"], **(arch or {}))
     return fit(model, (x, y), method="natural", dataset=dataset, epochs=cfg["epochs"],
                batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, device=device, out=out,
                test=(xt[:2000], yt[:2000]), progress=progress, max_steps=cfg["max_steps"],

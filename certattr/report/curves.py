@@ -1,11 +1,18 @@
 """Certification curves from a results store: the numbers (tables) and their figures (PNG + SVG + CSV).
 
-Figures, one per (checkpoint, attribution, norm) setting (SPEC 6):
+Figures, one per (checkpoint, attribution, norm) setting (SPEC 6, 9.3):
 
-* certified fraction vs eps: fraction of samples whose bound on cos(g(x), g(x')) is >= c;
-* certified attribution-robust accuracy vs eps: correct AND label certified AND cosine bound >= c;
-* bound vs best attack per sample (Euclidean), with the diagonal: points above it are sound-looking,
-  points below it are violations;
+* certified fraction vs eps: fraction of samples whose bound on cos(g(x), g(x')) is >= c, from SOUND
+  certificates only (certified, complete, and the smoothed one at its confidence 1 - alpha);
+* certified attribution-robust accuracy vs eps: correct AND label certified AND cosine bound >= c
+  (certified and complete bounds: the smoothed certificate does not assess the label);
+* estimated fraction / estimated robust accuracy vs eps: the same from the practical (first-order,
+  NOT sound) bound, drawn dashed, with its measured violation rate (against attacks on the network
+  it describes, :mod:`certattr.campaign.compare`) in the legend: an estimate, never a certificate;
+* bound vs best attack per sample (Euclidean), against the attacks on the function each bound is
+  about, with the diagonal (points below it are violations); for a practical bound on a ReLU net a
+  separate, labelled panel shows the real network's deviations (how far the surrogate's first-order
+  model is from the ReLU net's saliency: never a violation);
 * attack strength vs eps per attack: mean over samples of the worst (over restarts) top-k intersection,
   Kendall tau and cosine of the label-keeping attack results.
 
@@ -24,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from ..campaign.compare import best_attacks
+from ..campaign.compare import SOUND_KINDS, best_attacks, bound_pairing, compare
 from ..campaign.store import Store
 
 DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
+CERTIFYING_KINDS = SOUND_KINDS + ("smoothed",)  # sound (smoothed: with probability 1 - alpha)
+ESTIMATE_KINDS = ("practical",)
 STRENGTH_METRICS = (("topk_intersection", "top-k intersection"), ("kendall", "Kendall tau"),
                     ("cosine", "cosine similarity"))
 
@@ -60,11 +69,13 @@ def checkpoint_names(store: Store) -> dict[str, str]:
     return names
 
 
-def certified_fraction(store: Store, thresholds=DEFAULT_THRESHOLDS) -> list[dict[str, Any]]:
+def certified_fraction(store: Store, thresholds=DEFAULT_THRESHOLDS, kinds=CERTIFYING_KINDS) -> list[dict[str, Any]]:
     """Rows (checkpoint, attribution, norm, bound, kind, c, eps, n, fraction): share of samples whose
-    cosine lower bound is >= c."""
+    cosine lower bound is >= c, for the bounds of ``kinds`` (default: the certifying ones)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for ck, attr, norm, eps, method, kind, _s, _e, cos, _lc, _corr in _bound_rows(store):
+        if kind not in kinds:
+            continue
         groups[(ck, attr, norm, method, kind, eps)].append(-1.0 if cos is None else float(cos))
     names = checkpoint_names(store)
     out = []
@@ -77,13 +88,13 @@ def certified_fraction(store: Store, thresholds=DEFAULT_THRESHOLDS) -> list[dict
     return out
 
 
-def robust_accuracy(store: Store, thresholds=DEFAULT_THRESHOLDS) -> list[dict[str, Any]]:
+def robust_accuracy(store: Store, thresholds=DEFAULT_THRESHOLDS, kinds=SOUND_KINDS) -> list[dict[str, Any]]:
     """Rows (..., c, eps, n, accuracy): share of samples that are correct AND label-certified AND have a
-    cosine bound >= c; c = -1 is the certified (label-only) accuracy.  The smoothed certificate does
-    not assess the label, so it has no rows here."""
+    cosine bound >= c; c = -1 is the certified (label-only) accuracy; bounds of ``kinds`` (default the
+    sound ones).  The smoothed certificate does not assess the label, so it never has rows here."""
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for ck, attr, norm, eps, method, kind, _s, _e, cos, lc, corr in _bound_rows(store):
-        if kind == "smoothed":
+        if kind == "smoothed" or kind not in kinds:
             continue
         groups[(ck, attr, norm, method, kind, eps)].append((-1.0 if cos is None else float(cos), bool(lc), bool(corr)))
     names = checkpoint_names(store)
@@ -99,27 +110,45 @@ def robust_accuracy(store: Store, thresholds=DEFAULT_THRESHOLDS) -> list[dict[st
 
 
 def bound_vs_attack(store: Store) -> list[dict[str, Any]]:
-    """Per sample and bound: the bound and the best label-keeping attack (Euclidean and cosine)."""
+    """Per sample and bound: the bound and the best label-keeping attack (Euclidean and cosine) on each
+    function attacked; ``paired`` marks the attacks on the function the bound is about (SPEC 9.3)."""
     best = best_attacks(store)
     names = checkpoint_names(store)
+    infos = store.unit_info()
+    by_sample: dict[tuple, list[tuple[str, dict]]] = defaultdict(list)
+    for key, v in best.items():
+        by_sample[key[:5]].append((key[5], v))
     out = []
     for ck, attr, norm, eps, method, kind, sample, e, cos, _lc, _corr in _bound_rows(store):
-        b = best.get((ck, attr, norm, eps, sample))
-        if b is None or b["euclidean"] is None:
-            continue
-        out.append({"checkpoint": names.get(ck, ck[:12]), "attribution": attr, "norm": norm, "bound": method,
-                    "kind": kind, "eps": eps, "sample": sample, "attack_euclidean": b["euclidean"],
-                    "bound_euclidean": math.inf if e is None else e, "attack_cosine": b["cosine"],
-                    "bound_cosine": -1.0 if cos is None else cos})
+        pair = bound_pairing(kind, infos.get((ck, method, 0), {}))
+        for net, b in by_sample.get((ck, attr, norm, eps, sample), ()):
+            if b["euclidean"] is None:
+                continue
+            out.append({"checkpoint": names.get(ck, ck[:12]), "attribution": attr, "norm": norm, "bound": method,
+                        "kind": kind, "eps": eps, "sample": sample, "measured_on": net, "paired": net == pair,
+                        "attack_euclidean": b["euclidean"], "bound_euclidean": math.inf if e is None else e,
+                        "attack_cosine": b["cosine"], "bound_cosine": -1.0 if cos is None else cos})
     return out
+
+
+def violation_rates(store_path) -> dict[tuple, float]:
+    """(checkpoint, attribution, norm, bound) -> pooled violation rate over eps (from compare)."""
+    comp = compare(store_path)
+    acc: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for r in comp.rows:
+        key = (r["checkpoint"], r["attribution"], r["norm"], r["bound"])
+        acc[key][0] += int(r["violations"])
+        acc[key][1] += int(r["tested"])
+    return {k: (v / t if t else math.nan) for k, (v, t) in acc.items()}
 
 
 def attack_strength(store: Store) -> list[dict[str, Any]]:
     """Rows (checkpoint, attribution, norm, attack, eps, n, topk_intersection, kendall, cosine): means
-    over samples of the per-sample worst value over restarts (label-keeping runs only)."""
+    over samples of the per-sample worst value over restarts (label-keeping runs only; attacks on the
+    attribution g: the smoothed attack, measured on h, is in the bound-vs-attack figure)."""
     cur = store.conn.execute(
         "SELECT ckpt, attribution, norm, method, eps, sample, MIN(topk_intersection), MIN(kendall), MIN(cosine) "
-        "FROM results WHERE family='attack' AND label_kept=1 AND kind != 'pgd' "
+        "FROM results WHERE family='attack' AND label_kept=1 AND kind NOT IN ('pgd', 'smoothed') "
         "GROUP BY ckpt, attribution, norm, method, eps, sample")
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for ck, attr, norm, method, eps, _s, t, k, c in cur:
@@ -200,49 +229,84 @@ def _eps_axis(ax, eps_values, norm: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _threshold_curves(rows, out: Path, value: str, kind: str, ylabel: str, prefix: str, what: str
-                      ) -> list[Figure]:
+def _threshold_curves(rows, out: Path, value: str, kind: str, ylabel: str, prefix: str, what: str,
+                      rates: dict[tuple, float] | None = None) -> list[Figure]:
+    """One figure per setting, one panel per bound.  ``rates`` given: these are ESTIMATES (practical
+    bound): dashed lines, the measured violation rate in the legend and in the CSV."""
+    estimated = rates is not None
     figs = []
     for setting, srows in _by_setting(rows).items():
         bounds = sorted({r["bound"] for r in srows}, key=lambda b: (_kind_rank(srows, b), b))
         fig, axes = _panels(len(bounds), width=3.8)
         for ax, bound in zip(axes, bounds):
             brows = [r for r in srows if r["bound"] == bound]
+            rate = rates.get(setting + (bound,), math.nan) if estimated else None
+            if estimated:
+                for r in brows:
+                    r["violation_rate"] = rate
+            note = ("; violated on " + ("untested" if rate is None or math.isnan(rate) else f"{100 * rate:.0f}%")
+                    + " of attacked samples") if estimated else ""
             for i, c in enumerate(sorted({r["c"] for r in brows})):
                 pts = sorted((r["eps"], r[value]) for r in brows if r["c"] == c)
-                label = "label certified (any cosine)" if c < -0.5 else f"cosine bound ≥ {c:g}"
-                style = "--" if c < -0.5 else "-"
+                noun = "cosine estimate" if estimated else "cosine bound"
+                label = ("label " + ("estimated" if estimated else "certified") + " (any cosine)" if c < -0.5
+                         else f"{noun} ≥ {c:g}")
+                style = "--" if (c < -0.5 or estimated) else "-"
+                if estimated and c < -0.5:
+                    style = ":"
                 # shrinking markers of different shapes keep coinciding curves visible
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="osD^v*"[i % 6],
-                        markersize=max(3.0, 8.0 - 1.2 * i), label=label, color="black" if c < -0.5 else f"C{i}")
-            ax.set_title(f"{bound} bound", fontsize=10)
+                        markersize=max(3.0, 8.0 - 1.2 * i), label=label + (note if i == 0 else ""),
+                        color="black" if c < -0.5 else f"C{i}", alpha=0.85 if estimated else 1.0)
+            head = f"{bound} bound" + (" — ESTIMATE, not sound" if estimated else "")
+            if not estimated and brows[0]["kind"] == "smoothed":
+                head += " (on the smoothed h; each with prob. ≥ 1 − α)"
+            ax.set_title(head + (f"\nmeasured violation rate {note.split('on ')[1]}" if estimated else ""),
+                         fontsize=9)
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel(ylabel)
             _eps_axis(ax, [r["eps"] for r in brows], setting[2])
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3 if estimated else 5),
+                   fontsize=8)
         title = f"{_setting_title(setting)}\n{what}"
         fig.suptitle(title, fontsize=11)
         cols = ["checkpoint", "attribution", "norm", "bound", "kind", "c", "eps", "n", value]
+        if estimated:
+            cols.append("violation_rate")
         figs.append(_save(fig, out, _slug(prefix, *setting), srows, cols, kind, title, setting))
     return figs
 
 
 def _kind_rank(rows, bound) -> int:
     kind = next(r["kind"] for r in rows if r["bound"] == bound)
-    return {"certified": 0, "practical": 1, "smoothed": 2}.get(kind, 3)
+    return {"certified": 0, "complete": 0, "practical": 1, "smoothed": 2}.get(kind, 3)
 
 
 def plot_certified_fraction(store: Store, out: Path, thresholds=DEFAULT_THRESHOLDS) -> list[Figure]:
     return _threshold_curves(certified_fraction(store, thresholds), out, "fraction", "certified_fraction",
-                             "fraction of samples", "certified_fraction",
-                             "fraction of samples whose cosine lower bound is ≥ c, vs ε")
+                             "certified fraction of samples", "certified_fraction",
+                             "sound certificates only: fraction of samples whose cosine lower bound is ≥ c, vs ε "
+                             "(smoothed: with probability 1 − α)")
 
 
 def plot_robust_accuracy(store: Store, out: Path, thresholds=DEFAULT_THRESHOLDS) -> list[Figure]:
     return _threshold_curves(robust_accuracy(store, thresholds), out, "accuracy", "robust_accuracy",
                              "certified robust accuracy", "robust_accuracy",
-                             "certified attribution-robust accuracy (correct, label certified, cosine ≥ c) vs ε")
+                             "sound certificates only: correct, label certified and cosine bound ≥ c, vs ε")
+
+
+def plot_estimated(store: Store, store_path, out: Path, thresholds=DEFAULT_THRESHOLDS) -> list[Figure]:
+    """The practical bound's curves: estimated fraction and estimated robust accuracy (dashed)."""
+    rates = violation_rates(store_path)
+    return (_threshold_curves(certified_fraction(store, thresholds, kinds=ESTIMATE_KINDS), out, "fraction",
+                              "estimated_fraction", "estimated fraction of samples", "estimated_fraction",
+                              "ESTIMATE from the first-order (not sound) bound: fraction with cosine estimate ≥ c",
+                              rates=rates)
+            + _threshold_curves(robust_accuracy(store, thresholds, kinds=ESTIMATE_KINDS), out, "accuracy",
+                                "estimated_accuracy", "estimated robust accuracy", "estimated_accuracy",
+                                "ESTIMATE from the first-order (not sound) bound: correct, linearised label test, "
+                                "cosine estimate ≥ c", rates=rates))
 
 
 def plot_bound_vs_attack(store: Store, out: Path) -> list[Figure]:
@@ -250,13 +314,21 @@ def plot_bound_vs_attack(store: Store, out: Path) -> list[Figure]:
 
     rows = bound_vs_attack(store)
     figs = []
-    for setting, srows in _by_setting(rows).items():
+    for setting, all_rows in _by_setting(rows).items():
+        srows = [r for r in all_rows if r["paired"]]
         bounds = sorted({r["bound"] for r in srows}, key=lambda b: (_kind_rank(srows, b), b))
-        fig, axes = _panels(len(bounds), width=4.2, height=4.0)
-        eps_values = sorted({r["eps"] for r in srows})
+        # a practical bound about a surrogate: one more panel with the real network's deviations
+        extra = sorted({r["bound"] for r in all_rows if r["kind"] == "practical" and not r["paired"]
+                        and r["measured_on"] == "real"})
+        panels = [(b, True) for b in bounds] + [(b, False) for b in extra]
+        if not panels:
+            continue
+        fig, axes = _panels(len(panels), width=4.2, height=4.0)
+        eps_values = sorted({r["eps"] for r in all_rows})
         colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(eps_values), 1)))
-        for ax, bound in zip(axes, bounds):
-            brows = [r for r in srows if r["bound"] == bound]
+        for ax, (bound, paired) in zip(axes, panels):
+            brows = [r for r in all_rows if r["bound"] == bound and (
+                r["paired"] if paired else (not r["paired"] and r["measured_on"] == "real"))]
             xs = np.asarray([r["attack_euclidean"] for r in brows], dtype=float)
             ys = np.asarray([r["bound_euclidean"] for r in brows], dtype=float)
             finite = np.isfinite(ys)
@@ -291,18 +363,25 @@ def plot_bound_vs_attack(store: Store, out: Path) -> list[Figure]:
             if int((~finite).sum()):
                 notes.append(f"{int((~finite).sum())} infinite bounds not shown")
             kind = next(r["kind"] for r in brows)
-            head = f"{bound} bound" + (" (on the smoothed h)" if kind == "smoothed" else "")
-            ax.set_title(head + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
-            ax.set_xlabel("best attack ‖g(x') − g(x)‖₂")
+            net = brows[0]["measured_on"]
+            if paired:
+                head = f"{bound} bound vs attacks on {net}"
+            else:
+                head = (f"{bound} bound vs the REAL ReLU net (not a violation):\nhow far the surrogate's "
+                        "first-order model is from the ReLU saliency")
+            ax.set_title(head + ("\n" + "; ".join(notes) if notes else ""), fontsize=8)
+            ax.set_xlabel("best attack ‖h(x') − h(x)‖₂" if kind == "smoothed" else "best attack ‖g(x') − g(x)‖₂")
             ax.set_ylabel("bound on ‖g(x') − g(x)‖₂")
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
-        title = f"{_setting_title(setting)}\nbound vs best attack per sample (below the diagonal = violation)"
+        title = (f"{_setting_title(setting)}\nbound vs best attack on the function it bounds, per sample "
+                 "(below the diagonal = violation)")
         fig.suptitle(title, fontsize=11)
-        cols = ["checkpoint", "attribution", "norm", "bound", "kind", "eps", "sample", "attack_euclidean",
-                "bound_euclidean", "attack_cosine", "bound_cosine"]
-        figs.append(_save(fig, out, _slug("bound_vs_attack", *setting), srows, cols, "bound_vs_attack",
+        cols = ["checkpoint", "attribution", "norm", "bound", "kind", "eps", "sample", "measured_on", "paired",
+                "attack_euclidean", "bound_euclidean", "attack_cosine", "bound_cosine"]
+        shown = [r for r in all_rows if r["paired"] or (r["bound"] in extra and r["measured_on"] == "real")]
+        figs.append(_save(fig, out, _slug("bound_vs_attack", *setting), shown, cols, "bound_vs_attack",
                           title, setting))
     return figs
 
@@ -339,4 +418,5 @@ def write_figures(store_path: str | Path, out: str | Path, thresholds=DEFAULT_TH
     out.mkdir(parents=True, exist_ok=True)
     with Store(store_path, readonly=True) as store:
         return (plot_certified_fraction(store, out, thresholds) + plot_robust_accuracy(store, out, thresholds)
+                + plot_estimated(store, store_path, out, thresholds)
                 + plot_bound_vs_attack(store, out) + plot_attack_strength(store, out))
