@@ -41,6 +41,7 @@ from scipy import special
 from torch import nn
 
 from .attribution import attribution as compute_attribution
+from .floatsafe import tf32_off
 from .practical import _check_eps, _check_x, check_attribution, resolve_target
 from .result import BoundResult
 
@@ -211,6 +212,7 @@ def smoothed_attribution(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     return acc / int(n_samples)
 
 
+@tf32_off
 def smoothed_certificate(
     model: nn.Module,
     x: torch.Tensor,
