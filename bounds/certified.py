@@ -30,7 +30,15 @@ from torch import nn
 from .attribution import attribution as compute_attribution
 from .certified_box import bound_box
 from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
-from .floatsafe import COMPUTE_DTYPE, check_model_dtype, no_tf32, round_down, round_outward, round_up, unit_roundoff
+from .floatsafe import (
+    COMPUTE_DTYPE,
+    check_model_dtype,
+    no_tf32,
+    round_down,
+    round_outward,
+    round_up,
+    unit_roundoff,
+)
 from .gradgraph import _model_dtype_device, check_chain, parse_chain
 from .result import BoundResult, tangent_cosine
 

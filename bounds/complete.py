@@ -66,7 +66,6 @@ import torch
 from torch import nn
 
 from .attribution import logit_gradient
-from .floatsafe import tf32_off
 from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
 from .complete_attack import attack, project, real_badness
 from .complete_mlp import (
@@ -86,6 +85,7 @@ from .complete_mlp import (
     relu_mlp_from_chain,
 )
 from .complete_objective import OBJECTIVES, Objective
+from .floatsafe import tf32_off
 from .gradgraph import check_chain, parse_chain
 from .result import BoundResult, tangent_cosine
 

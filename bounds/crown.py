@@ -21,6 +21,7 @@ from .gradgraph import Act, Chain, ForwardNet, GradNet, MaxPool
 from .interval import Box
 from .lirpa_compat import custom_ops, import_auto_lirpa
 
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     """auto_LiRPA 0.3 creates its specification matrices (eye, C) in the default dtype: run it with

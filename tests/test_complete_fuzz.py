@@ -9,15 +9,16 @@ the configuration.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 import torch
+from soundness_fuzz import pgd, project, sample_points, smooth_surrogate
 from torch import nn
 
 from bounds import complete_bound
 from bounds.attribution import logit_gradient
-from soundness_fuzz import pgd, project, sample_points, smooth_surrogate
 
 
 def _config(seed: int) -> dict:
@@ -38,7 +39,7 @@ def _build(cfg: dict) -> tuple[nn.Sequential, torch.Tensor]:
     torch.manual_seed(cfg["seed"])
     widths = (cfg["n"],) + cfg["hidden"]
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], cfg["classes"]))
     net = nn.Sequential(*layers).eval()
@@ -92,7 +93,7 @@ def _check(seed: int, budget_s: float) -> dict:
     return {"points": int(dev.numel()), "closed": sum(r == "gap closed" for r in res.stop_reason)}
 
 
-@pytest.mark.parametrize("seeds", [range(0, 12), range(12, 24)])
+@pytest.mark.parametrize("seeds", [range(12), range(12, 24)])
 def test_complete_bound_fuzz(seeds):
     total = {"points": 0, "closed": 0}
     for seed in seeds:
