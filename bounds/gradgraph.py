@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -457,11 +458,63 @@ def _conv_out_shape(op: Affine, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (int(op.weight.shape[0]), hw[0], hw[1])
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps every supported layer (stock forward) as one call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not isinstance(m, nn.Sequential) and any(
+            isinstance(m, cls) and type(m).forward is fwd for cls, fwd in _STOCK_FORWARD.items()
+        )
+
+
+def check_traced_chain(model: nn.Module, leaves: list) -> None:
+    """Proof that ``model``'s forward is the chain of its layers: torch.fx traces it to
+    input -> layer_1 -> ... -> layer_K -> output, each call taking the previous one's output alone, in
+    registration order.  A functional op (F.relu, +, a reshape...) anywhere in a custom forward is refused
+    by name, even where it happens to do nothing at the certified point."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and all(
+        not isinstance(m, nn.Sequential) or type(m).forward is nn.Sequential.forward for m in model.modules()
+    ):
+        return  # a stock Sequential applies its children in order by definition
+    name = type(model).__name__
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: not provably a chain
+        raise ValueError(
+            f"{name}'s forward cannot be traced by torch.fx ({type(exc).__name__}: {str(exc)[:120]}): certified "
+            "bounds need a chain of layers (an nn.Sequential)"
+        ) from None
+    called, prev = [], None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if prev is not None:
+                raise ValueError(f"{name}'s forward takes more than one input")
+            prev = node
+        elif node.op == "call_module":
+            if tuple(node.args) != (prev,) or node.kwargs:
+                raise ValueError(f"{name} is not a simple chain of its submodules: {node.target} does not take the "
+                                 "previous layer's output alone")
+            called.append(model.get_submodule(node.target))
+            prev = node
+        elif node.op == "output":
+            if node.args[0] is not prev:
+                raise ValueError(f"{name} is not a simple chain of its submodules: its output is not its last layer's")
+        else:
+            raise ValueError(
+                f"{name} is not a simple chain of its submodules: its forward applies {node.op} "
+                f"{getattr(node.target, '__name__', node.target)} outside its layers"
+            )
+    if len(called) != len(leaves) or any(a is not b for a, b in zip(called, leaves)):
+        raise ValueError(f"{name} is not a simple chain of its submodules: its forward calls its layers in another "
+                         "order than they are registered, or not all of them once")
+
+
 def check_chain(model: nn.Module, chain: Chain, x: torch.Tensor, atol: float = 1e-4) -> None:
-    """The parsed chain must compute what ``model`` computes (catches non-chain forwards and
-    functional ops hidden in a custom forward): ``model(x)`` must equal applying its layers in
-    registration order (up to 1e-6 relative: the same float operations), and the folded chain must
-    agree with it up to ``atol`` relative (folding BatchNorm changes the rounding only)."""
+    """The parsed chain must compute what ``model`` computes: the forward is traced to a chain of its
+    layers (``check_traced_chain``), ``model(x)`` must equal applying its layers in registration order
+    (up to 1e-6 relative: the same float operations), and the folded chain must agree with it up to
+    ``atol`` relative (folding BatchNorm changes the rounding only)."""
+    check_traced_chain(model, chain.leaves)
     with torch.no_grad():
         ref = model(x)
         leaf_out = chain.leaf_values(x)[-1]
