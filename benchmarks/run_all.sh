@@ -10,6 +10,8 @@ run attacks   python benchmarks/bench_attacks.py
 run campaign  python benchmarks/bench_campaign.py
 run trainers  python benchmarks/bench_trainers.py --out benchmarks/results/trainers.md
 run train     python benchmarks/bench_train.py --models cnn-small --epochs 3
+run complete  python benchmarks/bench_complete.py --per-config 5 --certified --hard
+run certtrain python benchmarks/bench_certtrain.py --out benchmarks/results/certtrain.md
 # the demo (issue 11): both nets, l_inf and l_2, every bound vs the attacks on the function it bounds;
 # compare table and times in benchmarks/results/demo.txt; models, store and report (index.html) in
 # ${TMPDIR:-/tmp}/certattr-demo-bench (a fresh run: the folder is removed first)

@@ -119,3 +119,34 @@ def test_resume_equals_uninterrupted(tmp_path, mnist_train_small):
     # and a resumed run differs from a run that restarted from scratch for one epoch only
     short = run(tmp_path / "one", 1)
     assert not all(torch.equal(v, short.state_dict()[k]) for k, v in full.state_dict().items())
+
+
+def test_grad_clip_is_a_validated_recorded_loop_option(tmp_path):
+    """``grad_clip`` (any method): max global gradient norm, None / 0 = off (the default, so every method's
+    results are unchanged), validated, recorded in the checkpoint; a non-binding clip is bit-identical to
+    no clipping, a binding one clips every step and changes the weights."""
+    for method in ("natural", "pgd-at"):
+        assert "grad_clip" not in default_hparams(method, "mnist")
+        with pytest.raises(Exception, match="grad_clip must be >= 0"):
+            validate_hparams(method, {**default_hparams(method, "mnist"), "grad_clip": -1})
+        assert validate_hparams(method, {"grad_clip": 0})["grad_clip"] is None
+        assert validate_hparams(method, {"grad_clip": "none"})["grad_clip"] is None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+    def run(**hp):
+        torch.manual_seed(0)
+        model = build_model("mlp", hidden=(16,))
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        summary = fit(model, (x, y), method="natural", hparams=hp, epochs=1, batch_size=16, progress=False,
+                      out=out)
+        return model, summary, out
+
+    plain, s0, _ = run()
+    loose, s1, _ = run(grad_clip=1e6)
+    tight, s2, out = run(grad_clip=1e-4)
+    assert "grad_clipped_steps" not in s0 and s1["grad_clipped_steps"] == 0 and s2["grad_clipped_steps"] == 4
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, loose.state_dict()[key]), key
+    assert any(not torch.equal(v, tight.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert checkpoint.info(out)["hyperparameters"]["grad_clip"] == 1e-4

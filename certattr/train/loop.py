@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CertattrError
-from .losses import default_hparams, get_loss, validate_hparams
+from .losses import default_hparams, get_loss, training_progress, validate_hparams
 
 STATE_FILE = "train_state.pt"
 LAST_DIR = "last"
@@ -81,6 +81,9 @@ def fit(
 ) -> dict:
     """Train ``model`` with the loss of ``method`` (Adam, ``lr``) for ``epochs`` epochs.
 
+    ``hparams`` may carry ``grad_clip`` (any method): the global gradient L2 norm is clipped to it
+    (``torch.nn.utils.clip_grad_norm_``) before every optimiser step; None / 0 (default) = no clipping.
+
     Returns a summary dict: method, hparams, epochs, steps, seconds, final train loss, test accuracy
     (when ``test`` is given).  With ``out``, writes a resumable state after every epoch and the final
     checkpoint (certattr format) to ``out`` itself.
@@ -94,6 +97,7 @@ def fit(
         raise CertattrError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
     if x_train.shape[0] != y_train.shape[0]:
         raise CertattrError(f"{x_train.shape[0]} training images but {y_train.shape[0]} labels")
+    grad_clip = hp.get("grad_clip")  # max global gradient norm (a loop hyperparameter, every method); None: off
     device = torch.device(device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -110,6 +114,7 @@ def fit(
     steps_per_epoch = (n + batch_size - 1) // batch_size
     t0 = time.perf_counter()
     steps = 0
+    clipped = 0  # steps whose gradient norm exceeded grad_clip (this call's steps)
     last_loss = float("nan")
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -122,11 +127,15 @@ def fit(
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            loss = loss_fn(model, xb, yb, hp)
+            with training_progress(epoch, step, steps_per_epoch):  # for scheduled losses (cert-*)
+                loss = loss_fn(model, xb, yb, hp)
             if not torch.isfinite(loss):
                 raise CertattrError(f"training loss became {float(loss)} at epoch {epoch + 1}, step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip:
+                total = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                clipped += int(float(total) > grad_clip)
             optimizer.step()
             running += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]
@@ -152,6 +161,8 @@ def fit(
         "test_accuracy": accuracy(model, *test) if test is not None else None,
         "history": history,
     }
+    if grad_clip:
+        summary["grad_clipped_steps"] = clipped
     if out_path is not None:
         from .. import checkpoint
 

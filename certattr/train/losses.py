@@ -4,7 +4,8 @@ A loss is ``fn(model, x, y, hp) -> scalar tensor`` where ``hp`` is the dict of t
 hyperparameters (defaults from :data:`DEFAULTS`, overridden by the user).  The single training loop
 in :mod:`certattr.train.loop` serves every method.  Robust methods live in
 :mod:`certattr.train.adversarial` (pgd-at, trades) and :mod:`certattr.train.attributional`
-(ig-norm, ig-sum-norm, art, far-aat, far-advaat, sarkar, igr); importing this module registers them.
+(ig-norm, ig-sum-norm, art, far-aat, far-advaat, sarkar, igr) and :mod:`certattr.train.certified`
+(cert-ibp, cert-crown-ibp); importing this module registers them.
 
 Every registered loss validates its hyperparameters (:func:`validate_hparams`) on each call, so a
 bad value (negative eps or weight, eps larger than the data domain, unknown key) is a clear
@@ -12,9 +13,11 @@ bad value (negative eps or weight, eps larger than the data domain, unknown key)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -33,12 +36,42 @@ DEFAULTS: dict[str, dict[str, dict]] = {"natural": {"*": {}}}
 # The hyperparameter that ``--lambda`` sets for each method (its main regulariser weight), if any.
 WEIGHT_KEYS: dict[str, str | None] = {"natural": None}
 
+# Method-specific checks run after the per-key ones: fn(method, hp) -> hp (raise CertattrError).
+METHOD_CHECKS: dict[str, Callable[[str, dict], dict]] = {}
 
-def register_loss(name: str, defaults: dict[str, dict] | None = None, *, weight: str | None = None):
+# Training progress (epoch, step, steps_per_epoch), set by the loop around every loss call, for the
+# methods with a schedule (eps / lambda ramp-up of the certified trainers).  A function of the loop's
+# own counters, so a resumed run sees the same schedule as an uninterrupted one.
+_PROGRESS: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
+    "certattr_training_progress", default=None)
+
+
+@contextlib.contextmanager
+def training_progress(epoch: int, step: int, steps_per_epoch: int) -> Iterator[None]:
+    """Within the block, :func:`current_progress` returns epoch + step / steps_per_epoch (0-based)."""
+    token = _PROGRESS.set((int(epoch), int(step), max(1, int(steps_per_epoch))))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def current_progress() -> float | None:
+    """Training progress in epochs (0.0 = first step of the first epoch), or None outside the loop."""
+    value = _PROGRESS.get()
+    if value is None:
+        return None
+    epoch, step, per = value
+    return epoch + step / per
+
+
+def register_loss(name: str, defaults: dict[str, dict] | None = None, *, weight: str | None = None,
+                  check: Callable[[str, dict], dict] | None = None):
     """Decorator: register ``fn`` as the loss of method ``name`` with per-dataset ``defaults``.
 
     ``weight`` names the hyperparameter that is the method's regulariser weight (what the CLI's
-    ``--lambda`` sets; e.g. "beta" for TRADES).  The registered callable validates ``hp`` first.
+    ``--lambda`` sets; e.g. "beta" for TRADES).  ``check(method, hp)`` adds method-specific
+    validation (e.g. eps > 0).  The registered callable validates ``hp`` first.
     """
 
     def wrap(fn: LossFn) -> LossFn:
@@ -49,6 +82,8 @@ def register_loss(name: str, defaults: dict[str, dict] | None = None, *, weight:
         LOSSES[name] = checked
         DEFAULTS[name] = defaults or {"*": {}}
         WEIGHT_KEYS[name] = weight
+        if check is not None:
+            METHOD_CHECKS[name] = check
         return fn
 
     return wrap
@@ -150,12 +185,32 @@ def _optional_positive(key, value):
     return None if value is None else _positive(key, value)
 
 
+def _grad_clip(key, value):
+    """Max global gradient norm for the loop's clipping (None or 0: off)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
+        return None
+    value = _nonneg(key, value)
+    return None if value == 0 else value
+
+
+# Hyperparameters of the training loop itself, accepted by every method (not passed on to a paper's
+# recipe): ``grad_clip`` = max global L2 norm of the gradient (torch.nn.utils.clip_grad_norm_ before the
+# optimiser step), None / 0 = off (the default of every method unless its DEFAULTS say otherwise).
+LOOP_KEYS = ("grad_clip",)
+
+
 CHECKS: dict[str, Callable] = {
     "eps": _eps, "norm": lambda k, v: check_norm(v), "steps": _count(0), "step_size": _positive,
     "random_start": _flag, "domain": _domain,
     "lambda": _nonneg, "beta": _nonneg, "ig_steps": _count(1), "attack_ig_steps": _count(1),
     "softplus_beta": _positive, "inner_beta": _optional_positive, "tau": _positive,
     "attribution": _attribution,
+    # certified trainers (certattr.train.certified)
+    "kappa": _number, "crown_start": _number, "crown_end": _number, "warmup_epochs": _nonneg,
+    "ramp_epochs": _nonneg, "adv_steps": _count(0), "schedule": lambda k, v: str(v).lower(),
+    "attr_loss": lambda k, v: str(v).lower(), "ibp_init": _flag,
+    # the training loop (every method)
+    "grad_clip": _grad_clip,
 }
 
 
@@ -167,7 +222,7 @@ def validate_hparams(method: str, hp: dict, in_shape: tuple[int, ...] | None = N
     (n = prod(in_shape)): such a ball contains the whole domain and the method is meaningless.
     """
     get_loss(method)
-    allowed = set()
+    allowed = set(LOOP_KEYS)
     for table in DEFAULTS.get(method, {}).values():
         allowed.update(table)
     out = {}
@@ -190,6 +245,8 @@ def validate_hparams(method: str, hp: dict, in_shape: tuple[int, ...] | None = N
         if out["eps"] > limit:
             raise CertattrError(f"eps = {out['eps']:g} is larger than the data domain ({what}): "
                                 "the ball would contain every input")
+    if method in METHOD_CHECKS:
+        out = METHOD_CHECKS[method](method, out)
     return out
 
 
@@ -202,3 +259,4 @@ def natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict) -> tor
 # Register the robust families (they import register_loss from this module).
 from . import adversarial as _adversarial  # noqa: F401
 from . import attributional as _attributional  # noqa: F401
+from . import certified as _certified  # noqa: F401
