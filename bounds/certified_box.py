@@ -33,7 +33,7 @@ from .floatsafe import (
     unit_roundoff,
     widen,
 )
-from .gradgraph import Act, Chain, MaxPool
+from .gradgraph import Act, MaxPool
 from .interval import Box, factor_boxes, forward_bounds, gradient_box, mul
 
 _LIRPA_ERRORS = (NotImplementedError, AssertionError, RuntimeError, IndexError, KeyError, TypeError, ValueError)
@@ -57,18 +57,6 @@ def caller_radius(eps: float, norm: str, x: torch.Tensor, model_dtype: torch.dty
     if norm == "2":
         return eps * (1.0 + 2.0 * gamma(n + 4, u)) + slack * n**0.5
     return eps * (1.0 + 4.0 * u) + slack
-
-
-def _op_sizes(chain: Chain) -> list[int]:
-    sizes = [int(np.prod(chain.in_shape))]
-    for op in chain.ops:
-        for attr in ("out_shape", "shape"):
-            s = getattr(op, attr, None)
-            if s:
-                sizes.append(int(np.prod(s)))
-        if isinstance(op, MaxPool):
-            sizes.append(int(np.prod(op.out_shape)) * op.window)
-    return sizes
 
 
 def _others(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -111,7 +99,7 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     eps_rows = (eps_c * ar).flatten()
     tr = target.repeat(reps)
     group = batch if norm == "2" else center.shape[0]
-    sizes = _op_sizes(chain)
+    sizes = crown.op_sizes(chain)
     u, eta = effective_unit(model_dtype, chain), underflow_unit(model_dtype)
 
     # 1. bounds on the exact values: IBP ∩ CROWN (whose pass also bounds the margins)

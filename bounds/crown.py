@@ -70,7 +70,9 @@ def _chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def _op_sizes(chain: Chain) -> list[int]:
+def op_sizes(chain: Chain) -> list[int]:
+    """Per-sample element counts of the input, every op's output and every max-pool's window unfold
+    (the sizes of auto_LiRPA's coefficient matrices, for chunking)."""
     sizes = [int(np.prod(chain.in_shape))]
     for op in chain.ops:
         for attr in ("out_shape", "shape"):
