@@ -16,3 +16,5 @@ run certtrain python benchmarks/bench_certtrain.py --out benchmarks/results/cert
 # compare table and times in benchmarks/results/demo.txt; models, store and report (index.html) in
 # ${TMPDIR:-/tmp}/certattr-demo-bench (a fresh run: the folder is removed first)
 run demo      bash -c 'd="${TMPDIR:-/tmp}/certattr-demo-bench"; rm -rf "$d"; time certattr demo --out "$d" --no-progress'
+# the radius sweep behind the demo's radii, on the demo's two models
+run radius_sweep python benchmarks/bench_radius_sweep.py --models "${TMPDIR:-/tmp}/certattr-demo-bench"

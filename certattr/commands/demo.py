@@ -14,12 +14,12 @@
 3. compare every bound with the attacks on the function it bounds (DIR/compare.tsv);
 4. draw the report (DIR/report/index.html).
 
-Radii, from a measured sweep (32 test images, 30-step attacks, both nets; closing notes of issue 11):
-l_inf 0.01 / 0.03 / 0.05 and l_2 0.03 / 0.3 / 1.0.  At l_inf 0.05 IFIA leaves 57% (ReLU) / 82%
-(softplus) of the top-100 pixels in place and PGD keeps the label on 88% / 94% of images; at 0.1 PGD
-keeps it on only 25%, so larger l_inf radii (the literature's 0.3) test adversarially trained nets,
-not these.  At l_2 1.0 IFIA leaves 54% / 78% of the top-100 pixels and PGD keeps 66% / 72% of labels
-(9% / 12% at 2.0).  l_2 0.03 is where the smoothed certificate (r = 2) still certifies cosines of
+Radii, from a measured sweep (``benchmarks/bench_radius_sweep.py``: 32 test images, 30-step attacks, both
+nets): l_inf 0.01 / 0.03 / 0.05 and l_2 0.03 / 0.3 / 1.0.  At l_inf 0.05 IFIA leaves 57% (ReLU) / 82%
+(softplus) of the top-100 pixels in place and PGD keeps the label on 84% / 91% of images; at 0.1 PGD
+keeps it on only 22%, so larger l_inf radii (the literature's 0.3) test adversarially trained nets,
+not these.  At l_2 1.0 IFIA leaves 56% / 79% of the top-100 pixels and PGD keeps 62% / 69% of labels
+(9% at 2.0).  l_2 0.03 is where the smoothed certificate (r = 2) still certifies cosines of
 about 0.9; it is vacuous from l_2 0.1 on.  Rerunning resumes: the models and every stored row are reused.
 """
 from __future__ import annotations
