@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     models = _models(folder)
     x, y = load_dataset("mnist", "test")
     x, y = x[: args.n], y[: args.n]
-    lines = [f"# radius sweep: {args.n} MNIST test images, saliency, IFIA top-k (k=100) and PGD, {args.steps} steps, "
-             f"seed {args.seed}; torch {torch.__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}",
-             "net       norm  eps    top-100 kept (IFIA)  label kept (PGD)  seconds"]
+    head = (f"# radius sweep: {args.n} MNIST test images, saliency, IFIA top-k (k=100) and PGD, {args.steps} steps, "
+            f"seed {args.seed}; torch {torch.__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}")
+    lines = [head, "net       norm  eps    top-100 kept (IFIA)  label kept (PGD)  seconds"]
     for net, model in models.items():
         for norm, radii in RADII.items():
             for eps in radii:
