@@ -29,7 +29,7 @@ from torch import nn
 
 from .attribution import attribution as compute_attribution
 from .certified_box import bound_box
-from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
+from .checks import check_attribution, check_domain, check_eps, check_norm, check_x, resolve_target
 from .floatsafe import (
     COMPUTE_DTYPE,
     check_model_dtype,
@@ -130,19 +130,6 @@ def _check_args(model, x, eps, norm, attribution, method, domain, ig_steps):
     return eps, norm, attribution, method, dom, steps
 
 
-def _check_target(target, logits: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
-    if target is None:
-        return logits.argmax(dim=1)
-    target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
-    if target.numel() == 1 and batch > 1:
-        target = target.expand(batch).clone()
-    if target.shape[0] != batch:
-        raise ValueError(f"target must have one entry per sample ({batch}), got {target.shape[0]}")
-    if (target < 0).any() or (target >= classes).any():
-        raise ValueError(f"target out of range for {classes} classes")
-    return target
-
-
 # ----------------------------------------------------------------------------------------------
 # main entry
 # ----------------------------------------------------------------------------------------------
@@ -187,10 +174,7 @@ def _certified_bound(model, x, eps, norm, attribution, target, method, domain, i
     x = x.detach()
     chain = parse_chain(model, tuple(x.shape[1:]), dtype=COMPUTE_DTYPE)
     check_chain(model, chain, x)
-    batch = x.shape[0]
-    with torch.no_grad():
-        logits = model(x)
-    target = _check_target(target, logits, batch, chain.num_classes)
+    target, logits = resolve_target(model, x, target)
     with torch.enable_grad():  # also when called under torch.no_grad()
         g_x = compute_attribution(model, x, target, attribution, steps=steps).detach()
     details: dict = {"notes": list(chain.notes), "float_contract": f"{model_dtype}, outward margins"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 ATTRIBUTIONS = ("saliency", "grad_x_input", "ig")
 
@@ -71,3 +72,24 @@ def check_domain(domain) -> tuple[float, float] | None:
     if not lo < hi:
         raise ValueError(f"domain needs lo < hi, got {domain!r}")
     return lo, hi
+
+
+def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target (B,) int64, logits of the real model (B, C)); target None = argmax of the real model."""
+    with torch.no_grad():
+        logits = model(x)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"model must return (B, classes) logits, got shape {tuple(logits.shape)}")
+    if target is None:
+        return logits.argmax(1), logits
+    t = torch.as_tensor(target, device=x.device)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError("target must be integer class indices")
+    t = t.to(torch.int64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(x.shape[0]).clone()
+    if t.numel() != x.shape[0]:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {x.shape[0]}")
+    if int(t.min()) < 0 or int(t.max()) >= logits.shape[1]:
+        raise ValueError(f"target out of range for {logits.shape[1]} classes")
+    return t, logits

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from .attribution import logit_gradient
-from .checks import check_attribution, check_domain, check_eps, check_norm, check_x
+from .checks import check_attribution, check_domain, check_eps, check_norm, check_x, resolve_target
 from .complete_attack import attack, project, real_badness
 from .complete_mlp import (
     DT,
@@ -205,16 +205,7 @@ def complete_bound(
     mlp = relu_mlp_from_chain(chain, x.dtype)
     check_chain(model, chain, x)
     batch = x.shape[0]
-    with torch.no_grad():
-        logits = model(x)
-    if target is None:
-        target = logits.argmax(dim=1)
-    else:
-        target = torch.as_tensor(target).long().reshape(-1)
-        if target.numel() == 1 and batch > 1:
-            target = target.expand(batch).clone()
-        if target.shape[0] != batch or (target < 0).any() or (target >= chain.num_classes).any():
-            raise ValueError(f"target must hold one class index in [0, {chain.num_classes}) per sample")
+    target, _ = resolve_target(model, x, target)
     # g(x) of each sample alone (batch of one), as a caller recomputing lower would
     g_x = torch.cat([logit_gradient(model, x[i : i + 1], target[i : i + 1]).detach() for i in range(batch)])
     rng = torch.Generator().manual_seed(int(seed))

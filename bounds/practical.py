@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 from . import linalg
 from .attribution import attribution as compute_attribution
-from .checks import check_attribution, check_norm
+from .checks import check_attribution, check_norm, resolve_target
 from .checks import check_domain as _check_domain
 from .checks import check_eps as _check_eps
 from .checks import check_x as _check_x
@@ -61,27 +61,6 @@ LINF_METHODS = ("auto", "sqrt_n", "columns", "sdp", "dual")
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target (B,) int64, logits of the real model (B, C)); target None = argmax of the real model."""
-    with torch.no_grad():
-        logits = model(x)
-    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"model must return (B, classes) logits, got shape {tuple(logits.shape)}")
-    if target is None:
-        return logits.argmax(1), logits
-    t = torch.as_tensor(target, device=x.device)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError("target must be integer class indices")
-    t = t.to(torch.int64).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(x.shape[0]).clone()
-    if t.numel() != x.shape[0]:
-        raise ValueError(f"target has {t.numel()} entries for a batch of {x.shape[0]}")
-    if int(t.min()) < 0 or int(t.max()) >= logits.shape[1]:
-        raise ValueError(f"target out of range for {logits.shape[1]} classes")
-    return t, logits
 
 
 # ---------------------------------------------------------------------------------------------- surrogate

@@ -41,8 +41,9 @@ from scipy import special
 from torch import nn
 
 from .attribution import attribution as compute_attribution
+from .checks import resolve_target
 from .floatsafe import tf32_off
-from .practical import _check_eps, _check_x, check_attribution, resolve_target
+from .practical import _check_eps, _check_x, check_attribution
 from .result import BoundResult
 
 ArrayLike = float | np.ndarray | torch.Tensor
