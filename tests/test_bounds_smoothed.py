@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from smooth_models import Bowl
 from torch import nn
 
 from bounds import smoothed_certificate
@@ -36,18 +37,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
-
-
-class Bowl(nn.Module):
-    """f_0(x) = -0.5 ||x - c||^2 (label 0 everywhere): the normalised saliency points from x to c."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.register_buffer("c", torch.as_tensor(c, dtype=torch.float64))
-
-    def forward(self, x):
-        f = -0.5 * ((x - self.c) ** 2).sum(1)
-        return torch.stack([f, f - 100.0], 1)
 
 
 class Slab(nn.Module):

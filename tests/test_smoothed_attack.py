@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from smooth_models import Bowl
 from torch import nn
 
 from bounds import smoothed_certificate
@@ -13,18 +14,6 @@ from bounds.smoothed import paper_closed_form_bound
 from certattr.attacks import smoothed_attack, smoothed_key
 from certattr.attacks.smoothed import confidence_bounds
 from certattr.errors import CertattrError
-
-
-class Bowl(nn.Module):
-    """f_0(x) = -0.5 ||x - c||^2: the normalised saliency points from x to c (as tests/test_bounds_smoothed)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.register_buffer("c", torch.as_tensor(c, dtype=torch.float64))
-
-    def forward(self, x):
-        f = -0.5 * ((x - self.c) ** 2).sum(1)
-        return torch.stack([f, f - 100.0], 1)
 
 
 class Parabola(nn.Module):
