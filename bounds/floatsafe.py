@@ -157,11 +157,17 @@ def content_fingerprint(tensors) -> str:
 
 
 def chain_fingerprint(chain: Chain) -> str:
-    tensors = []
-    for op in chain.ops:
-        if isinstance(op, Affine):
-            tensors += [op.weight, op.bias]
-    return content_fingerprint(tensors) + repr([_op_signature(op) for op in chain.ops])
+    """Content fingerprint of the folded weights and the op structure; hashed once per parsed chain (a
+    chain's ops are copies made by ``parse_chain``, so they do not change after it)."""
+    cached = getattr(chain, "_fingerprint", None)
+    if cached is None:
+        tensors = []
+        for op in chain.ops:
+            if isinstance(op, Affine):
+                tensors += [op.weight, op.bias]
+        cached = content_fingerprint(tensors) + repr([_op_signature(op) for op in chain.ops])
+        chain._fingerprint = cached
+    return cached
 
 
 def _op_signature(op) -> tuple:
