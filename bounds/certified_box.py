@@ -25,6 +25,7 @@ import torch
 from . import crown
 from .floatsafe import (
     COMPUTE_DTYPE,
+    MARGIN_FACTOR,
     backward_error,
     effective_unit,
     forward_errors,
@@ -67,11 +68,11 @@ def _others(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _label_certified(margins, bounds_logits, logit_err, tr, batch) -> torch.Tensor:
-    """Margin lower bounds (exact function) minus 2 (E_y + E_j): the float logits keep the order."""
+    """Margin lower bounds (exact function) minus MARGIN_FACTOR (E_y + E_j): the float logits keep the order."""
     if logit_err.shape[1] == 1:  # one logit: argmax is constant
         return torch.ones(batch, dtype=torch.bool, device=tr.device)
     e_y = logit_err.gather(1, tr.view(-1, 1))
-    slack = 2.0 * (e_y + _others(logit_err, tr))
+    slack = MARGIN_FACTOR * (e_y + _others(logit_err, tr))
     if margins is None:  # IBP fallback: y's lower bound against every other upper bound
         lo, hi = bounds_logits
         margins = lo.gather(1, tr.view(-1, 1)) - _others(hi, tr)
@@ -151,11 +152,11 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
         if used == "crown":
             ilo, ihi = torch.maximum(ilo, clo), torch.minimum(ihi, chi)
         err = xmag * ferr + unit_roundoff(model_dtype) * xmag * (mag + ferr)
-        return ilo - 2 * err, ihi + 2 * err, label_certified
+        return (*widen((ilo, ihi), err), label_certified)
     if used == "crown":
         glo, ghi = torch.maximum(glo, clo), torch.minimum(ghi, chi)
     if attribution == "saliency":
-        return glo - 2 * ferr, ghi + 2 * ferr, label_certified
+        return (*widen((glo, ghi), ferr), label_certified)
     # IG: average the path-point boxes, times the interval of x' - b (b = 0)
     shape = (reps, batch, *chain.in_shape)
     glo, ghi = glo.view(shape).mean(dim=0), ghi.view(shape).mean(dim=0)
@@ -163,8 +164,7 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     m_mean = mag.view(shape).mean(dim=0)
     f_mean = f_mean + gamma(reps + 1, unit_roundoff(model_dtype)) * (m_mean + f_mean)
     err = xmag * f_mean + unit_roundoff(model_dtype) * xmag * (m_mean + f_mean)
-    ilo, ihi = mul((glo, ghi), box)
-    return ilo - 2 * err, ihi + 2 * err, label_certified
+    return (*widen(mul((glo, ghi), box), err), label_certified)
 
 
 def _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, gbox, times_input, group,
