@@ -39,7 +39,7 @@ from .floatsafe import (
     round_up,
     unit_roundoff,
 )
-from .gradgraph import _model_dtype_device, check_chain, parse_chain
+from .gradgraph import model_dtype_device, check_chain, parse_chain
 from .result import BoundResult, tangent_cosine
 
 METHODS = ("crown", "ibp")
@@ -167,7 +167,7 @@ def _certified_bound(model, x, eps, norm, attribution, target, method, domain, i
     eps, norm, attribution, method, dom, steps = _check_args(
         model, x, eps, norm, attribution, method, domain, ig_steps
     )
-    model_dtype, _ = _model_dtype_device(model)
+    model_dtype, _ = model_dtype_device(model)
     check_model_dtype(model_dtype)
     if x.dtype != model_dtype:
         raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {model_dtype}")

@@ -306,7 +306,7 @@ def _check_module(m: nn.Module) -> None:
             )
 
 
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     for t in list(model.parameters()) + list(model.buffers()):
         if torch.is_floating_point(t):
             return t.dtype, t.device
@@ -323,7 +323,7 @@ def parse_chain(model: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype 
         raise ValueError("model has no layers")
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         raise ValueError("global forward hooks are registered: certified bounds do not model them")
-    model_dtype, device = _model_dtype_device(model)
+    model_dtype, device = model_dtype_device(model)
     dtype = dtype or model_dtype
     for m in [model, *model.modules()]:
         _check_module(m)
