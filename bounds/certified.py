@@ -39,7 +39,7 @@ from .floatsafe import (
     round_up,
     unit_roundoff,
 )
-from .gradgraph import model_dtype_device, check_chain, parse_chain
+from .gradgraph import check_chain, model_dtype_device, parse_chain
 from .result import BoundResult, tangent_cosine
 
 METHODS = ("crown", "ibp")
