@@ -80,8 +80,12 @@ def _label_certified(margins, bounds_logits, logit_err, tr, batch) -> torch.Tens
 
 
 def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, steps, chunk_size, details,
-              model_dtype):
-    """(lower, upper, label_certified) in float64; see the module docstring."""
+              model_dtype, state=None):
+    """(lower, upper, label_certified) in float64; see the module docstring.
+
+    ``state``: a dict that receives what a further CROWN pass on GradNet needs (``crown_args``: the
+    keyword arguments of ``crown.crown_gradient`` except ``spec``; ``float_error``: the vector E with
+    |torch's g - exact g| <= E elementwise (saliency only), ``box``: the region)."""
     batch = x.shape[0]
     x64 = x.to(COMPUTE_DTYPE)
     eps_c = caller_radius(eps, norm, x64, model_dtype)
@@ -136,8 +140,11 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     used = "ibp"
     if method == "crown":
         try:
-            clo, chi = _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, (glo, ghi),
-                                  times_input, group, chunk_size, sizes, model_dtype)
+            crown_args = _crown_args(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, (glo, ghi),
+                                     times_input, group, chunk_size, sizes, model_dtype)
+            clo, chi = crown.crown_gradient(**crown_args)
+            if state is not None:
+                state["crown_args"] = crown_args
             details["gradient"] = "crown+interval"
             used = "crown"
         except _LIRPA_ERRORS as exc:  # still sound: the interval box alone
@@ -146,6 +153,8 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
 
     # 4. the float evaluation of the backward pass
     mag, ferr = backward_error(chain, factors, errs, center.shape[0], u, eta, COMPUTE_DTYPE, x.device)
+    if state is not None:
+        state.update(float_error=ferr, box=box, method=used)
     xmag = torch.maximum(box[0].abs(), box[1].abs())
     if times_input:
         ilo, ihi = mul((glo, ghi), box)
@@ -167,9 +176,10 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     return (*widen(mul((glo, ghi), box), err), label_certified)
 
 
-def _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, gbox, times_input, group,
-               chunk_size, sizes, model_dtype):
-    """CROWN on GradNet; the ReLU factors and max-pool routings enter as free inputs in their boxes."""
+def _crown_args(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, gbox, times_input, group,
+                chunk_size, sizes, model_dtype) -> dict:
+    """Arguments of ``crown.crown_gradient``; the ReLU factors and max-pool routings enter GradNet as
+    free inputs in their boxes."""
     dtype = center.dtype
     onehot = torch.zeros(tr.shape[0], chain.num_classes, dtype=dtype, device=center.device)
     onehot.scatter_(1, tr.view(-1, 1), 1.0)
@@ -193,6 +203,5 @@ def _crown_box(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream,
     per_sample = 8 * 24 * (n * biggest + (biggest * biggest if crown.FULL_CROWN else 0))
     grad_chunk = chunk_size or max(1, int(crown.MEMORY_BUDGET / per_sample))
     supplied = None if crown.FULL_CROWN else (wide, upstream, gbox)
-    return crown.crown_gradient(
-        chain, center, sbox, eps_rows, norm, onehot, flist, times_input, group, grad_chunk, supplied
-    )
+    return dict(chain=chain, center=center, box=sbox, eps_rows=eps_rows, norm=norm, onehot=onehot,
+                factor_list=flist, times_input=times_input, group=group, chunk=grad_chunk, supplied=supplied)

@@ -187,10 +187,12 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
 
 
 def crown_gradient(
-    chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None
+    chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None, spec=None
 ):
     """CROWN on ``GradNet``: box on d f_y/dx (times x if ``times_input``), shape (rows, *in_shape).
 
+    ``spec``: None (the box of every coordinate) or C (rows, m, n) with n the number of input entries:
+    then the bounds of the m linear functionals C g are returned, shape (rows, m).
     ``supplied``: (pre-activation bounds per op, upstream-gradient boxes per op, gradient box) that
     are handed to auto_LiRPA as intermediate bounds (sound; skips one CROWN pass per node, leaving
     only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN."""
@@ -230,10 +232,14 @@ def crown_gradient(
             inter[stem_node] = (box[0][sl], box[1][sl])
         if nodes is not None:
             inter.update(_intermediate(nodes, chain, supplied, sl))
+        c_rows = None if spec is None else spec[sl]
         with default_dtype(center.dtype):
-            lb, ub = bm.compute_bounds(x=tuple(args), method="CROWN", intermediate_layer_bounds=inter or None)
-        lows.append(lb.detach().reshape(-1, *chain.in_shape))
-        highs.append(ub.detach().reshape(-1, *chain.in_shape))
+            lb, ub = bm.compute_bounds(
+                x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None
+            )
+        shape = (-1, *chain.in_shape) if spec is None else (-1, spec.shape[1])
+        lows.append(lb.detach().reshape(shape))
+        highs.append(ub.detach().reshape(shape))
     return torch.cat(lows), torch.cat(highs)
 
 
