@@ -93,3 +93,8 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Ten
     if int(t.min()) < 0 or int(t.max()) >= logits.shape[1]:
         raise ValueError(f"target out of range for {logits.shape[1]} classes")
     return t, logits
+
+
+class PhaseBranchingUnsupported(ValueError):
+    """The network / norm / attribution is outside what branching on activation phases supports
+    (``complete_bound(branching="phases")``); ``branching="auto"`` falls back to input branching."""

@@ -66,7 +66,15 @@ import torch
 from torch import nn
 
 from .attribution import logit_gradient
-from .checks import check_attribution, check_domain, check_eps, check_norm, check_x, resolve_target
+from .checks import (
+    PhaseBranchingUnsupported,
+    check_attribution,
+    check_domain,
+    check_eps,
+    check_norm,
+    check_x,
+    resolve_target,
+)
 from .complete_attack import attack, project, real_badness
 from .complete_mlp import (
     DT,
