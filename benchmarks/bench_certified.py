@@ -2,6 +2,7 @@
 
     python benchmarks/bench_certified.py [--batch 32] [--activation relu|softplus] [--methods ibp,crown]
         [--norm inf] [--eps 0.02] [--attribution saliency] [--checkpoint DIR] [--threads N] [--device cpu]
+        [--model cnn-small|mlp] [--out benchmarks/results/certified.txt] [--append]
 
 The reference is what certifying the *output* costs: one CROWN pass bounding the margins f_y - f_j of
 MNIST cnn-small over the same ball (auto_LiRPA, patches mode).  The certified attribution bound does
@@ -9,7 +10,8 @@ that pass (it needs the pre-activation bounds and certifies the label with it) p
 an interval backward pass ("ibp") or CROWN on the gradient graph ("crown", a second backward pass
 with n = 784 outputs per sample).  Target: ratio <= 3x.  Prints times per batch and per sample, the
 ratios, mean bounds and the peak memory (RSS on CPU, allocated memory on CUDA).  Timed rounds are
-interleaved (plain, ibp, crown, plain, ...) and the best of each is kept.
+interleaved (plain, ibp, crown, plain, ...) and the best of each is kept.  The output (with the date
+and the machine) also goes to ``--out`` (``--append`` adds to it, e.g. for a second norm or model).
 Default: a randomly initialised ReLU cnn-small on the first MNIST test images, batch 32 (the
 machine's 2 shared cores make batch 256 take several minutes with "crown"; pass --batch 256).
 """
@@ -17,6 +19,9 @@ machine's 2 shared cores make batch 256 take several minutes with "crown"; pass 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import resource
 import sys
 import time
@@ -49,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds after a warm-up (best kept)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="cnn-small", choices=("cnn-small", "mlp"))
+    parser.add_argument("--out", default="benchmarks/results/certified.txt")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         source = args.checkpoint
     else:
         torch.manual_seed(0)
-        model = build_model("cnn-small", activation=args.activation).to(device).eval()
-        source = f"random cnn-small ({args.activation})"
+        model = build_model(args.model, activation=args.activation).to(device).eval()
+        source = f"random {args.model} ({args.activation})"
     x = load_dataset("mnist", "test")[0][: args.batch].to(device)
     with torch.no_grad():
         target = model(x).argmax(dim=1)
-    print(
+    log(
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.machine()} "
+        f"{_cpu_name()}, {os.cpu_count()} cores (shared), load average {os.getloadavg()[0]:.1f}"
+    )
+    log(
         f"# {source}; MNIST test[0:{x.shape[0]}], norm {args.norm}, eps {args.eps}, {args.attribution}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
     )
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     t_ref = best["plain"]
     lb = results["plain"][0]
     certified_labels = float((lb > 0).all(dim=1).float().mean())
-    print(
+    log(
         f"plain CROWN margins      {t_ref:8.2f} s/batch {1e3 * t_ref / x.shape[0]:8.1f} ms/sample  "
         f"label certified {certified_labels:.3f}"
     )
@@ -120,14 +138,29 @@ def main(argv: list[str] | None = None) -> int:
         t, res = best[method], results[method]
         ratio = t / t_ref
         flag = "ok" if ratio <= 3.0 else "above the 3x target"
-        print(
+        log(
             f"certified ({method:5s})        {t:8.2f} s/batch {1e3 * t / x.shape[0]:8.1f} ms/sample  "
             f"ratio {ratio:5.2f}x ({flag})  mean euclidean {float(res.euclidean.mean()):.4g}  "
             f"mean cosine {float(res.cosine.mean()):.3f}  "
             f"label certified {float(res.label_certified.float().mean()):.3f}"
         )
-    print(f"peak memory of the process {_peak_mb(device):.0f} MB")
+    log(f"peak memory of the process {_peak_mb(device):.0f} MB")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "a" if args.append else "w") as fh:
+            fh.write("\n".join(lines) + "\n")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

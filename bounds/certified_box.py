@@ -9,7 +9,8 @@ error with which a float32 caller computes ||x' - x||_p, so every point a caller
    taken on [l - 2E, u + 2E]: the ReLU phase (relu'(0) = 0), the max-pool routing (first maximum),
    the label (certified iff the margin's lower bound exceeds 2 (E_y + E_j) for every j);
 3. derivative-factor boxes from the widened bounds, then the interval backward pass (``gradient_box``)
-   and, for method "crown", CROWN on ``GradNet`` (``crown.crown_gradient``), intersected;
+   and, for method "crown", CROWN on ``GradNet`` (``crown.crown_gradient``), intersected (method
+   "alpha-crown": alpha-CROWN in steps 1 and 3, ``alpha_crown``);
 4. the final box widened by 2 x ``floatsafe.backward_error`` (the float evaluation of the backward
    pass, the product with x for gradient x input, the mean over path points for IG).
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from . import crown
+from .alpha_crown import ALPHA_ITERS
 from .floatsafe import (
     COMPUTE_DTYPE,
     MARGIN_FACTOR,
@@ -60,6 +62,9 @@ def caller_radius(eps: float, norm: str, x: torch.Tensor, model_dtype: torch.dty
     return eps * (1.0 + 4.0 * u) + slack
 
 
+_ball_box = region  # ``bound_box`` has a keyword named ``region``
+
+
 def _others(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(rows, classes) -> (rows, classes - 1): the columns j != target (ascending j, as margin_spec)."""
     keep = torch.ones_like(t, dtype=torch.bool)
@@ -80,16 +85,24 @@ def _label_certified(margins, bounds_logits, logit_err, tr, batch) -> torch.Tens
 
 
 def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, steps, chunk_size, details,
-              model_dtype, state=None):
+              model_dtype, state=None, region=None, alpha_iters=ALPHA_ITERS):
     """(lower, upper, label_certified) in float64; see the module docstring.
 
+    ``method`` "alpha-crown": steps 1 and 3 by alpha-CROWN (``alpha_crown``) with ``alpha_iters`` steps.
+
+    ``region``: None or (lo, hi) of x's shape: a per-row box S intersected with the region (the rows are
+    then bounded over B_p(x, eps') ∩ domain ∩ S; ``complete_input``).
     ``state``: a dict that receives what a further CROWN pass on GradNet needs (``crown_args``: the
     keyword arguments of ``crown.crown_gradient`` except ``spec``; ``float_error``: the vector E with
     |torch's g - exact g| <= E elementwise (saliency only), ``box``: the region)."""
     batch = x.shape[0]
     x64 = x.to(COMPUTE_DTYPE)
     eps_c = caller_radius(eps, norm, x64, model_dtype)
-    box = region(x64, eps_c, domain)
+    box = _ball_box(x64, eps_c, domain)
+    if region is not None:  # a sub-box S per row (input branch-and-bound): bound R ∩ S (intervals use S,
+        # CROWN the ball (l2) or the box (l_inf); the intersection of sound bounds is sound)
+        box = (torch.maximum(box[0], region[0].to(COMPUTE_DTYPE)),
+               torch.minimum(box[1], region[1].to(COMPUTE_DTYPE)))
     if attribution == "ig":
         alphas = torch.arange(1, steps + 1, dtype=COMPUTE_DTYPE, device=x.device) / steps
     else:
@@ -113,7 +126,14 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     fwd_chunk = chunk_size or max(1, int(2e8 / (8 * max(sizes) * 32)))
     margins = None
     try:
-        cb, margins = crown.crown_forward(chain, center, sbox, eps_rows, norm, tr, group, fwd_chunk)
+        optimize = alpha_iters if method == "alpha-crown" else 0
+        try:
+            cb, margins = crown.crown_forward(chain, center, sbox, eps_rows, norm, tr, group, fwd_chunk, optimize)
+        except RuntimeError as exc:  # alpha-CROWN failed (auto_LiRPA 0.3 bugs): CROWN's bounds instead
+            if not optimize:
+                raise
+            details["alpha_forward_error"] = str(exc)[:500]
+            cb, margins = crown.crown_forward(chain, center, sbox, eps_rows, norm, tr, group, fwd_chunk)
         for i, (clo, chi) in cb.items():
             bounds[i] = (torch.maximum(bounds[i][0], clo), torch.minimum(bounds[i][1], chi))
         details["preactivation"] = "crown+ibp"
@@ -138,15 +158,24 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     details["gradient"] = "interval"
     times_input = attribution == "grad_x_input"
     used = "ibp"
-    if method == "crown":
+    if method in ("crown", "alpha-crown"):
         try:
             crown_args = _crown_args(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream, (glo, ghi),
                                      times_input, group, chunk_size, sizes, model_dtype)
-            clo, chi = crown.crown_gradient(**crown_args)
+            if method == "alpha-crown":  # optimised for this objective (and any later spec rows)
+                crown_args["optimize"] = alpha_iters
+            try:
+                clo, chi = crown.crown_gradient(**crown_args)
+            except _LIRPA_ERRORS as exc:  # the optimisation failed: CROWN's box (sound)
+                if not crown_args.get("optimize"):
+                    raise
+                details["alpha_gradient_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                crown_args["optimize"] = 0
+                clo, chi = crown.crown_gradient(**crown_args)
             if state is not None:
                 state["crown_args"] = crown_args
-            details["gradient"] = "crown+interval"
-            used = "crown"
+            details["gradient"] = f"{method}+interval"
+            used = method
         except _LIRPA_ERRORS as exc:  # still sound: the interval box alone
             details["crown_gradient_error"] = f"{type(exc).__name__}: {exc}"[:500]
     details["method"] = used
@@ -158,11 +187,11 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     xmag = torch.maximum(box[0].abs(), box[1].abs())
     if times_input:
         ilo, ihi = mul((glo, ghi), box)
-        if used == "crown":
+        if used != "ibp":
             ilo, ihi = torch.maximum(ilo, clo), torch.minimum(ihi, chi)
         err = xmag * ferr + unit_roundoff(model_dtype) * xmag * (mag + ferr)
         return (*widen((ilo, ihi), err), label_certified)
-    if used == "crown":
+    if used != "ibp":
         glo, ghi = torch.maximum(glo, clo), torch.minimum(ghi, chi)
     if attribution == "saliency":
         return (*widen((glo, ghi), ferr), label_certified)
@@ -203,5 +232,7 @@ def _crown_args(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream
     per_sample = 8 * 24 * (n * biggest + (biggest * biggest if crown.FULL_CROWN else 0))
     grad_chunk = chunk_size or max(1, int(crown.MEMORY_BUDGET / per_sample))
     supplied = None if crown.FULL_CROWN else (wide, upstream, gbox)
-    return dict(chain=chain, center=center, box=sbox, eps_rows=eps_rows, norm=norm, onehot=onehot,
-                factor_list=flist, times_input=times_input, group=group, chunk=grad_chunk, supplied=supplied)
+    return {
+        "chain": chain, "center": center, "box": sbox, "eps_rows": eps_rows, "norm": norm, "onehot": onehot,
+        "factor_list": flist, "times_input": times_input, "group": group, "chunk": grad_chunk, "supplied": supplied,
+    }

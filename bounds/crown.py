@@ -16,6 +16,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from . import alpha_crown
+from .box_perturbation import box_perturbation
 from .floatsafe import chain_fingerprint
 from .gradgraph import Act, Chain, ForwardNet, GradNet, MaxPool
 from .interval import Box
@@ -105,19 +107,21 @@ def row_slices(rows: int, group: int, chunk: int):
             yield slice(g0 + sl.start, g0 + sl.stop)
 
 
-def crown_forward(chain, center, box, eps_rows, norm, target, group, chunk):
+def crown_forward(chain, center, box, eps_rows, norm, target, group, chunk, optimize: int = 0):
     """CROWN pass on the forward net over the regions (l2: ball(center, eps_rows) ; inf: box).
 
     Returns (per-op input bounds for activations / max-pools, margin lower bounds (rows, classes-1)).
-    Tries auto_LiRPA's patches mode for convolutions first, then matrix mode."""
+    Tries auto_LiRPA's patches mode for convolutions first, then matrix mode.  ``optimize`` > 0:
+    alpha-CROWN with that many steps (``alpha_crown.forward_bounds``)."""
     errors = []
     for mode in ("patches", "matrix"):
-        failed_key = (chain_fingerprint(chain), mode)
+        failed_key = (chain_fingerprint(chain), mode, bool(optimize))
         if _CONV_MODE_FAILED.get(failed_key):
             continue
         try:
             with default_dtype(center.dtype):
-                return _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode)
+                return _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode,
+                                           optimize)
         except (
             NotImplementedError,
             AssertionError,
@@ -137,7 +141,7 @@ FULL_CROWN = False  # True: let auto_LiRPA recompute every intermediate bound of
 MEMORY_BUDGET = 1e9  # bytes for auto_LiRPA's coefficient matrices per call
 
 
-def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode):
+def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk, mode, optimize=0):
     al = import_auto_lirpa()
     nonlin = [i for i, op in enumerate(chain.ops) if isinstance(op, (Act, MaxPool))]
     identity = norm == "2"
@@ -148,7 +152,9 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
             net, (center[:1],), bound_opts={"conv_mode": mode}, device=center.device, verbose=False
         )
 
-    key = ("forward", tuple(center.shape[1:]), mode, identity, str(center.device), center.dtype)
+    # optimised modules are kept apart (alpha-CROWN leaves slope parameters on their nodes)
+    key = ("forward", tuple(center.shape[1:]), mode, identity, str(center.device), center.dtype,
+           bool(optimize))
     bm = cached(chain, key, build)
     stem_node = _stem_node(bm) if identity else None
     nodes = [n for n in bm._modules.values() if type(n).__name__ in _ACT_NODE_NAMES]
@@ -157,12 +163,22 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
     bounds: dict[int, list] = {i: [[], []] for i in nonlin}
     margins = []
     c_all = margin_spec(target, chain.num_classes, center.dtype) if chain.num_classes > 1 else None
+    if optimize:
+        nonlin_sizes = [int(np.prod(getattr(chain.ops[i], "in_shape", None) or chain.ops[i].shape))
+                        for i in nonlin]
+        chunk = alpha_crown.forward_chunk(op_sizes(chain), nonlin_sizes, chunk)
+        dense_ok = alpha_crown.dense_alpha_entries(nonlin_sizes) <= alpha_crown.DENSE_LIMIT
     for sl in row_slices(center.shape[0], group, chunk):
         ptb = _perturbation(al, norm, float(eps_rows[sl.start]), (box[0][sl], box[1][sl]))
         args = (al.BoundedTensor(center[sl], ptb),)
         # under l2 the identity stem ranges over the ball ∩ domain: its box is a sound intermediate bound
         inter = {stem_node: (box[0][sl], box[1][sl])} if stem_node is not None else None
-        if c_all is not None:
+        if optimize:
+            c_rows = c_all[sl] if c_all is not None else None
+            lb, _ = alpha_crown.forward_bounds(bm, args, c_rows, inter, optimize, c_all is None, dense_ok)
+            if c_all is not None:
+                margins.append(lb)
+        elif c_all is not None:
             lb, _ = bm.compute_bounds(
                 x=args, C=c_all[sl], method="CROWN", bound_upper=False, intermediate_layer_bounds=inter
             )
@@ -187,7 +203,8 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
 
 
 def crown_gradient(
-    chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None, spec=None
+    chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None,
+    spec=None, optimize: int = 0,
 ):
     """CROWN on ``GradNet``: box on d f_y/dx (times x if ``times_input``), shape (rows, *in_shape).
 
@@ -195,7 +212,9 @@ def crown_gradient(
     then the bounds of the m linear functionals C g are returned, shape (rows, m).
     ``supplied``: (pre-activation bounds per op, upstream-gradient boxes per op, gradient box) that
     are handed to auto_LiRPA as intermediate bounds (sound; skips one CROWN pass per node, leaving
-    only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN."""
+    only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN.
+    ``optimize`` > 0: alpha-CROWN, that many projected Adam steps on the relaxations for this spec
+    (``alpha_crown.optimize_bounds``; lower and upper bounds optimised separately, best iterate kept)."""
     al = import_auto_lirpa()
     identity = norm == "2"
 
@@ -211,20 +230,24 @@ def crown_gradient(
             custom_ops=custom_ops(),
         )
         _ibp_for_monotone(bm)
+        _linear_matmuls(bm)
         bm._certattr_nodes = _gradnet_nodes(bm, chain, times_input)
         return bm
 
-    key = ("grad", tuple(center.shape[1:]), times_input, identity, str(center.device), center.dtype)
+    key = ("grad", tuple(center.shape[1:]), times_input, identity, str(center.device), center.dtype,
+           bool(optimize))
     with default_dtype(center.dtype):
         bm = cached(chain, key, build)
     stem_node = _stem_node(bm) if identity else None
     nodes = bm._certattr_nodes if supplied is not None else None
     lows, highs = [], []
+    if optimize:
+        chunk, per_spec = alpha_crown.gradient_chunk(bm, chunk, spec, int(np.prod(chain.in_shape)))
     for sl in row_slices(center.shape[0], group, chunk):
         ptb = _perturbation(al, norm, float(eps_rows[sl.start]), (box[0][sl], box[1][sl]))
         args = [al.BoundedTensor(center[sl], ptb), onehot[sl]]
         for value, (flo, fhi) in factor_list:
-            fptb = al.PerturbationLpNorm(norm=np.inf, eps=1.0, x_L=flo[sl], x_U=fhi[sl])
+            fptb = box_perturbation(flo[sl], fhi[sl])  # concretised over the factors of nonzero width only
             args.append(al.BoundedTensor(value[sl], fptb))
         inter = {}
         if stem_node is not None:
@@ -234,9 +257,13 @@ def crown_gradient(
             inter.update(_intermediate(nodes, chain, supplied, sl))
         c_rows = None if spec is None else spec[sl]
         with default_dtype(center.dtype):
-            lb, ub = bm.compute_bounds(
-                x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None
-            )
+            if optimize:
+                lb, ub = alpha_crown.optimize_bounds(bm, tuple(args), c_rows, inter or None, optimize,
+                                                     per_spec)
+            else:
+                lb, ub = bm.compute_bounds(
+                    x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None
+                )
         shape = (-1, *chain.in_shape) if spec is None else (-1, spec.shape[1])
         lows.append(lb.detach().reshape(shape))
         highs.append(ub.detach().reshape(shape))
@@ -317,6 +344,21 @@ def _ibp_for_monotone(bm) -> None:
     extra = [getattr(bound_ops, name) for name in names if hasattr(bound_ops, name)]
     current = list(getattr(bm, "ibp_intermediate", []))
     bm.ibp_intermediate = current + [c for c in extra if c not in current]
+
+
+def _linear_matmuls(bm) -> None:
+    """A MatMul with a constant weight (v -> W^T v written as ``F.linear(v, W.t())``) makes auto_LiRPA
+    0.3's BoundMatMul ask for the bounds of its input (``requires_input_bounds = [0, 1]``, needed only
+    when both factors are perturbed): a full CROWN pass per product output that nothing reads (its
+    backward with a constant weight is BoundLinear's: A W).  Drop that request where the weight is not
+    perturbed: the bounds returned are unchanged, the pass is saved.  (GradNet now writes linear
+    adjoints as 1x1 ``conv_adjoint``s, so this guards graphs that still contain such a MatMul.)"""
+    for node in bm._modules.values():
+        if type(node).__name__ != "BoundMatMul" or len(node.inputs) != 2:
+            continue
+        weight = node.inputs[1]
+        if type(weight).__name__ == "BoundParams" and getattr(weight, "perturbation", None) is None:
+            node.requires_input_bounds = []
 
 
 def _stem_node(bm) -> str | None:

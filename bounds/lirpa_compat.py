@@ -219,15 +219,34 @@ def custom_ops() -> dict:
     return _state["custom_ops"]
 
 
+def _same_tensor(a, b) -> bool:
+    """a and b view the same memory in the same way (then a linear map of them is computed once)."""
+    if a is None or b is None or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a is b or (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
 def _build_custom_ops() -> dict:
     import torch.nn.functional as F
     from auto_LiRPA.operators.base import Bound
+
+    from .windowed_conv import conv2d_rows
 
     class BoundConvAdjoint(Bound):
         """y = conv_transpose2d(v, W, stride, padding, output_padding, dilation) (W constant).
 
         Backward (CROWN): the coefficients of y map to those of v by the conv2d adjoint; interval:
-        midpoint-radius form with |W|.  Coefficient matrices only (auto_LiRPA's matrix conv mode)."""
+        midpoint-radius form with |W|.  Coefficient matrices only (auto_LiRPA's matrix conv mode).
+        The conv2d runs on each spec row's spatial window only (``windowed_conv.conv2d_rows``: the
+        rows that start from the identity spec are local, the same terms are summed); coefficients
+        shared by every sample (the identity spec, expanded over the batch) are convolved once, and
+        a lower and upper matrix that are the same tensor once."""
 
         def __init__(self, attr, inputs, output_index, options):
             super().__init__(attr, inputs, output_index, options)
@@ -245,24 +264,34 @@ def _build_custom_ops() -> dict:
             if self.is_input_perturbed(1):
                 raise NotImplementedError("ConvAdjoint with a perturbed weight")
             weight = w.lower
+            pointwise = tuple(weight.shape[2:]) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
             def one(a):
                 if a is None:
                     return None
                 if not isinstance(a, torch.Tensor):
                     raise NotImplementedError("ConvAdjoint supports auto_LiRPA's matrix mode only")
-                shape = a.shape
-                out = F.conv2d(
-                    a.reshape(shape[0] * shape[1], *shape[2:]),
-                    weight,
-                    None,
-                    self.stride,
-                    self.padding,
-                    self.dilation,
-                )
-                return out.view(shape[0], shape[1], *out.shape[1:])
+                if a.dim() == 5 and pointwise and tuple(a.shape[3:]) == (1, 1):  # a linear layer's W^T
+                    if a.shape[1] > 1 and a.stride(1) == 0:
+                        out = a[:, :1].reshape(a.shape[0], -1) @ weight.flatten(1).t()
+                        return out.view(a.shape[0], 1, -1, 1, 1).expand(a.shape[0], a.shape[1], -1, 1, 1)
+                    out = a.reshape(a.shape[0] * a.shape[1], -1) @ weight.flatten(1).t()
+                    return out.view(a.shape[0], a.shape[1], -1, 1, 1)
+                if a.dim() != 5:
+                    shape = a.shape
+                    out = F.conv2d(
+                        a.reshape(shape[0] * shape[1], *shape[2:]), weight, None, self.stride, self.padding,
+                        self.dilation,
+                    )
+                    return out.view(shape[0], shape[1], *out.shape[1:])
+                if a.shape[1] > 1 and a.stride(1) == 0:  # one matrix for the whole batch
+                    out = conv2d_rows(a[:, :1], weight, self.stride, self.padding, self.dilation)
+                    return out.expand(a.shape[0], a.shape[1], *out.shape[2:])
+                return conv2d_rows(a, weight, self.stride, self.padding, self.dilation)
 
-            return [(one(last_lA), one(last_uA)), (None, None)], 0, 0
+            lower = one(last_lA)
+            upper = lower if _same_tensor(last_lA, last_uA) else one(last_uA)
+            return [(lower, upper), (None, None)], 0, 0
 
         def interval_propagate(self, *v):
             (lo, hi), (w, _) = v[0], v[1]
@@ -289,7 +318,9 @@ def _build_custom_ops() -> dict:
         For a ReLU factor a in [0, 1] and l_b < 0 < u_b these are the chords of min(0, b) and
         max(0, b), the hull of {ab}: the coefficient on b no longer vanishes when l_a = 0 (with L1/U1
         it is l_a = 0 and an unstable ReLU degrades to interval arithmetic).  ``MIX = False`` restores
-        BoundMul's L1/U1.  The backward pass writes them as A a_p + min(A, 0) (a_n - a_p)."""
+        BoundMul's L1/U1.  alpha-CROWN (``bounds.alpha_crown``) replaces lam, mu by optimised weights
+        in [0, 1] (per element, per spec row), still convex combinations of valid planes.  The backward
+        pass writes them as A a_p + min(A, 0) (a_n - a_p)."""
 
         MIX = True
 
@@ -298,27 +329,61 @@ def _build_custom_ops() -> dict:
             self.is_constant_op = False
             self.requires_input_bounds = [0, 1]
 
-        def _planes(self, x, y):
+        @staticmethod
+        def mix_weights(y):
+            """The default mixing weights lam = clip(u_b / (u_b - l_b)), mu = clip(-l_b / (u_b - l_b))."""
+            yl, yu = y.lower, y.upper
+            width = yu - yl
+            safe = torch.where(width > 0, width, torch.ones_like(width))
+            lam = torch.where(width > 0, (yu / safe).clamp(0, 1), torch.ones_like(width))
+            mu = torch.where(width > 0, (-yl / safe).clamp(0, 1), torch.ones_like(width))
+            return lam, mu
+
+        def _planes(self, x, y, mix=None):
             xl, xu, yl, yu = x.lower, x.upper, y.lower, y.upper
             lower = (yl, xl, -xl * yl)  # (coefficient on a, on b, constant) of L1
             upper = (yu, xl, -xl * yu)  # U1
             if not type(self).MIX:
                 return lower, upper
-            width = yu - yl
-            safe = torch.where(width > 0, width, torch.ones_like(width))
-            lam = torch.where(width > 0, (yu / safe).clamp(0, 1), torch.ones_like(width))
-            mu = torch.where(width > 0, (-yl / safe).clamp(0, 1), torch.ones_like(width))
+            lam, mu = self.mix_weights(y) if mix is None else mix
             l2 = (yu, xu, -xu * yu)
             u2 = (yl, xu, -xu * yl)
             lower = tuple(lam * p1 + (1 - lam) * p2 for p1, p2 in zip(lower, l2))
             upper = tuple(mu * p1 + (1 - mu) * p2 for p1, p2 in zip(upper, u2))
             return lower, upper
 
+        def _optimized_mix(self, a, y):
+            """(lam, mu) from ``self.certattr_opt`` (set by ``bounds.alpha_crown``) or None: the optimisable
+            mixing weights, created on first use from the defaults, shape (spec, batch, *shape) when
+            ``opt["per_spec"]`` else (batch, *shape); None (defaults) where the spec does not match
+            the one they were made for (e.g. an intermediate CROWN pass).  Any values in [0, 1] give
+            valid planes (convex combinations), so the bound stays sound whatever the optimiser does."""
+            opt = getattr(self, "certattr_opt", None)
+            if opt is None or not type(self).MIX or a is None:
+                return None
+            if opt.get("lam") is None:
+                lam, mu = self.mix_weights(y)
+                if opt.get("per_spec"):
+                    lam = lam.unsqueeze(0).expand(a.shape[0], *lam.shape)
+                    mu = mu.unsqueeze(0).expand(a.shape[0], *mu.shape)
+                opt["lam"] = lam.detach().clone().requires_grad_(True)
+                opt["mu"] = mu.detach().clone().requires_grad_(True)
+                opt["spec"] = a.shape[0]
+            if opt["spec"] != a.shape[0] or opt["lam"].shape[-y.lower.dim():] != y.lower.shape:
+                return None
+            return opt["lam"], opt["mu"]
+
         def bound_backward(self, last_lA, last_uA, x, y):
             if not all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA)):
                 return super().bound_backward(last_lA, last_uA, x, y)
             batch = x.lower.shape[0]
-            lower_plane, upper_plane = self._planes(x, y)
+            mix = self._optimized_mix(last_lA if last_lA is not None else last_uA, y)
+            lower_plane, upper_plane = self._planes(x, y, mix)
+
+            def bias_of(a, c, s):
+                if c.dim() == a.dim():  # per-spec planes
+                    return (a * c).reshape(s, batch, -1).sum(dim=2)
+                return torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), c.reshape(batch, -1))
 
             def side(a, lower: bool):
                 if a is None:
@@ -329,10 +394,7 @@ def _build_custom_ops() -> dict:
                 a_x = a * p[0] + neg * (q[0] - p[0])
                 a_y = a * p[1] + neg * (q[1] - p[1])
                 s = a.shape[0]
-                bias = torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), p[2].reshape(batch, -1))
-                bias = bias + torch.einsum(
-                    "sbn,bn->sb", neg.reshape(s, batch, -1), (q[2] - p[2]).reshape(batch, -1)
-                )
+                bias = bias_of(a, p[2], s) + bias_of(neg, q[2] - p[2], s)
                 return a_x, a_y, bias
 
             lx, ly, lbias = side(last_lA, True)

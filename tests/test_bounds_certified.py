@@ -506,7 +506,7 @@ def test_unsupported_layer_is_named(layer):
         ({"norm": "L3"}, "L3"),
         ({"norm": 1}, "norm"),
         ({"attribution": "lrp"}, "lrp"),
-        ({"method": "alpha-crown"}, "alpha-crown"),
+        ({"method": "beta-crown"}, "beta-crown"),
         ({"ig_steps": 0}, "ig_steps"),
         ({"domain": (1.0, 0.0)}, "domain"),
         ({"target": 7}, "target"),

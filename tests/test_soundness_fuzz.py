@@ -1,6 +1,6 @@
 """The soundness fuzz suite of ``certified_bound`` (tests/soundness_fuzz.py), default and slow jobs.
 
-Default: 60 seeded configurations (every first-op kind, both norms, every attribution, both methods)
+Default: 60 seeded configurations (every first-op kind, both norms, every attribution, every method)
 with the default attack budget.  Slow (``-m slow``): 600 further configurations (seeds 1000-1599, 10x)
 with a stronger budget (2x the samples, 1.5x the PGD steps, two restarts, a second sharper
 surrogate, 3 coordinates per side).  Any
