@@ -1,34 +1,41 @@
-"""Benchmark: branch-and-bound (``bounds.complete_bound``) on a naturally trained MNIST ReLU MLP (issue 10).
+"""Benchmark: phase branch-and-bound (``bounds.complete_bound``) on naturally trained MNIST nets (issue 10).
 
-    python benchmarks/bench_complete_mnist.py [--n 8] [--eps 0.002 0.005] [--budgets 1 10]
-        [--long-budget 60] [--long-n 4] [--cos-budget 2] [--hidden 100 100] [--epochs 2] [--seed 0]
-        [--checkpoint DIR] [--save-checkpoint DIR] [--out benchmarks/results/complete_mnist.txt]
+    python benchmarks/bench_complete_mnist.py [--nets mlp,cnn] [--norms inf,2] [--budgets 1,10,60]
+        [--images 8] [--eps-inf 0.002,0.005] [--eps-2 0.03] [--cos-budget 2] [--tol 0.01] [--seed 0]
+        [--rows benchmarks/results/complete_mnist_rows.jsonl] [--out benchmarks/results/complete_mnist.txt]
+        [--fresh]
 
-Model: the zoo ``mlp`` (Flatten, 784 -> hidden -> ... -> 10, ReLU), trained naturally with
-``certattr.train.fit`` (Adam, lr 1e-3, batch 128, seeded) on the MNIST training set, or loaded from
-``--checkpoint``.  Samples: the first ``--n`` MNIST test images, l_inf, saliency of the predicted logit,
-domain [0, 1].  Per eps the benchmark reports
+Models (trained here, seeded, cached as safetensors under ``certattr.data.cache_dir()/bench``):
+``mlp`` = zoo mlp 784-100-100-10 (natural, 2 epochs, Adam lr 1e-3, batch 128), ``cnn`` = zoo
+cnn-small (conv4x4-16 s2, conv4x4-32 s2, fc 100; natural, 1 epoch).  Samples: the first ``--images``
+MNIST test images, saliency of the predicted logit, domain [0, 1], l_inf at ``--eps-inf`` and l2 at
+``--eps-2``.  Per (net, norm, eps) the benchmark reports
 
-* best attack: the largest Euclidean saliency deviation actually reached at a point of the ball, the
+* best attack: the largest Euclidean saliency deviation actually reached at a point of the ball: the
   max of ``certattr.attacks.deviation_attack`` (real net, label-preserving, 100 steps x 5 restarts) and
-  complete_bound's own ``lower`` at every budget (a witness point, recomputed on the real net);
-* before: ``certified_bound(method="crown")`` Euclidean bound; after: complete_bound ``upper`` at each
-  budget (and ``--long-budget`` seconds, at ``--long-eps``, on at most ``--long-n`` images that the
-  longest short budget left open); median upper / best attack;
-* closed: fraction whose gap closed (stop_reason "gap closed"); subd/s: subdomains per second of
-  branch-and-bound (attack time excluded, median); unst: unstable ReLUs at the root (median, max);
-* cosine: fraction of samples with a certified cosine >= 0.9, before (certified_bound.cosine) and
-  after (complete_bound(objective="cosine").lower with ``--cos-budget`` seconds; max with before).
+  complete_bound's ``lower`` at every budget (a witness point recomputed on the real net);
+* before: ``certified_bound(method="crown")``; after: complete_bound ``upper`` at each budget (seconds
+  per sample); median and worst ratio upper / best attack; how many gaps closed; the stop reasons;
+* subd/s: subdomains bounded per second of branch-and-bound (attack excluded; median); lp%: the
+  fraction of that time spent in leaf programs (HiGHS LP / Clarabel SOCP + Farkas check; the phase
+  mode calls no auto_LiRPA: its CROWN is ``complete_mlp``'s own); unst: unstable ReLUs at the root
+  (of all units);
+* cosine: samples with a certified cosine >= 0.9, before (certified_bound.cosine) and after (max of
+  before and complete_bound(objective="cosine").lower, ``--cos-budget`` seconds per sample).
 
-Neither complete_bound nor certified_bound uses the label constraint (both bound the whole ball), so
-the ratio compares label-free upper bounds against label-preserving (attack) or label-free (witness)
-reached deviations; both kinds of witness are real points of the ball.
+Resumable: every finished measurement is appended at once as a JSON line to ``--rows`` (key: net,
+norm, eps, what, image); a rerun skips the keys it finds (``--fresh`` starts over) and rewrites the
+summary ``--out`` from all rows.  A larger budget is not rerun on an image whose smaller budget
+stopped on "gap closed" or "exhausted" (the search is deterministic up to the deadline: more time
+changes nothing); the row is copied and marked ``carried``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
 import os
 import pathlib
 import platform
@@ -43,222 +50,295 @@ sys.path.insert(0, str(ROOT))
 
 from bounds import certified_bound
 from bounds.complete import complete_bound
-from certattr import checkpoint
 from certattr.attacks.deviation import deviation_attack
-from certattr.data import load_dataset
+from certattr.data import cache_dir, load_dataset
 from certattr.models import build_model
 from certattr.train.loop import fit
 
+NETS = {"mlp": ("mlp", {"hidden": (100, 100)}, 2), "cnn": ("cnn-small", {}, 1)}
 
-def _model(args, log) -> tuple[torch.nn.Module, str]:
-    x_te, y_te = load_dataset("mnist", "test")
-    if args.checkpoint:
-        model = checkpoint.load(args.checkpoint).eval()
-        how = f"loaded from {args.checkpoint}"
+
+def _model(net: str, seed: int, log) -> torch.nn.Module:
+    from safetensors.torch import load_file, save_file
+
+    zoo, kw, epochs = NETS[net]
+    path = pathlib.Path(cache_dir()) / "bench" / f"complete_mnist-{zoo}-natural-{epochs}ep-s{seed}.safetensors"
+    torch.manual_seed(seed)
+    model = build_model(zoo, **kw)
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        how = f"cached {path}"
     else:
         x_tr, y_tr = load_dataset("mnist", "train")
-        torch.manual_seed(args.seed)
-        model = build_model("mlp", hidden=tuple(args.hidden))
         t0 = time.perf_counter()
-        fit(
-            model,
-            (x_tr, y_tr),
-            method="natural",
-            dataset="mnist",
-            epochs=args.epochs,
-            seed=args.seed,
-            progress=False,
-            out=args.save_checkpoint,
-        )
-        model.eval()
-        how = (
-            f"trained here: natural, {args.epochs} epoch(s), Adam lr 1e-3, batch 128, seed {args.seed}, "
-            f"{time.perf_counter() - t0:.0f} s"
-        )
+        fit(model, (x_tr, y_tr), method="natural", dataset="mnist", epochs=epochs, seed=seed, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        how = f"trained here {time.perf_counter() - t0:.0f} s, cached at {path}"
+    model.eval()
+    x_te, y_te = load_dataset("mnist", "test")
     with torch.no_grad():
         acc = float((model(x_te).argmax(1) == y_te).float().mean())
-    desc = f"mlp 784-{'-'.join(str(m.out_features) for m in model if isinstance(m, torch.nn.Linear))}"
-    line = f"model: {desc}, test accuracy {acc:.4f} ({how})"
-    log(line)
-    return model, line
+    log(f"model {net}: zoo {zoo} {kw or ''}, natural, {epochs} epoch(s), Adam lr 1e-3, batch 128, seed {seed}; "
+        f"test accuracy {acc:.4f} ({how})")
+    return model
 
 
 def _med(v):
+    v = [a for a in v if not math.isnan(a)]
     return statistics.median(v) if v else float("nan")
+
+
+class Rows:
+    """Append-only JSON lines keyed by (net, norm, eps, what, image)."""
+
+    def __init__(self, path: pathlib.Path, fresh: bool):
+        self.path = path
+        self.rows: dict = {}
+        if fresh and path.exists():
+            path.unlink()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self.rows[self.key(r)] = r
+
+    @staticmethod
+    def key(r: dict) -> tuple:
+        return (r["net"], r["norm"], float(r["eps"]), r["what"], int(r["image"]))
+
+    def get(self, net, norm, eps, what, image):
+        return self.rows.get((net, norm, float(eps), what, int(image)))
+
+    def add(self, r: dict) -> None:
+        r = dict(r, ts=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        self.rows[self.key(r)] = r
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+def _bab_row(r, base: dict) -> dict:
+    d = r.details["per_sample"][0] if r.details.get("per_sample") else {}
+    return dict(
+        base,
+        lower=float(r.lower[0]),
+        upper=float(r.upper[0]),
+        stop=r.stop_reason[0],
+        subdomains=int(r.subdomains[0]),
+        lp_calls=int(r.lp_calls[0]),
+        time=float(d.get("time", r.time)),
+        attack_time=float(d.get("attack_time", 0.0)),
+        lp_time=float(d.get("lp_time", 0.0)),
+        empty_leaves=int(d.get("empty_leaves", 0)),
+        open=int(d.get("open", 0)),
+        unstable=int(d.get("unstable_at_root", 0)),
+        units=int(d.get("units", 0)),
+        label=bool(r.label_certified[0]),
+    )
+
+
+def run_config(model, net, norm, eps, x, args, rows: Rows, log) -> None:
+    base = {"net": net, "norm": norm, "eps": eps}
+    n = x.shape[0]
+    if rows.get(net, norm, eps, "attack", n - 1) is None:
+        t0 = time.perf_counter()
+        att = deviation_attack(model, x, eps, norm=norm, objective="euclidean", seed=args.seed)
+        dt = (time.perf_counter() - t0) / n
+        for i in range(n):
+            kept = bool(att.label_kept[i])
+            rows.add(dict(base, what="attack", image=i, value=float(att.euclidean[i]) if kept else 0.0, time=dt))
+    if rows.get(net, norm, eps, "crown", n - 1) is None:
+        t0 = time.perf_counter()
+        crown = certified_bound(model, x, eps, norm=norm, method="crown")
+        dt = (time.perf_counter() - t0) / n
+        for i in range(n):
+            rows.add(dict(base, what="crown", image=i, upper=float(crown.euclidean[i]),
+                          cosine=float(crown.cosine[i]), time=dt))
+    prev = None
+    for b in args.budgets:
+        what = f"bab{b:g}"
+        for i in range(n):
+            if rows.get(net, norm, eps, what, i) is not None:
+                continue
+            old = rows.get(net, norm, eps, prev, i) if prev else None
+            if old is not None and old["stop"] in ("gap closed", "exhausted"):
+                rows.add(dict(old, what=what, carried=True))
+                continue
+            r = complete_bound(model, x[i : i + 1], eps, norm=norm, budget_s=b, tol=args.tol, seed=args.seed,
+                               branching="phases", max_memory_mb=args.mem)
+            row = _bab_row(r, dict(base, what=what, image=i, budget=b))
+            rows.add(row)
+            log(f"  {net} l{norm} eps {eps:g} {what} img {i}: lower {row['lower']:.4g} upper {row['upper']:.4g} "
+                f"stop {row['stop']} subdomains {row['subdomains']} unstable {row['unstable']}/{row['units']} "
+                f"{row['time']:.1f} s")
+        prev = what
+    for i in range(n):
+        if rows.get(net, norm, eps, "cosine", i) is None:
+            r = complete_bound(model, x[i : i + 1], eps, norm=norm, objective="cosine", budget_s=args.cos_budget,
+                               tol=args.tol, seed=args.seed, branching="phases", max_memory_mb=args.mem)
+            rows.add(_bab_row(r, dict(base, what="cosine", image=i, budget=args.cos_budget)))
+
+
+def summarise(net, norm, eps, n, args, rows: Rows) -> list[str]:
+    def get(what):
+        return [rows.get(net, norm, eps, what, i) for i in range(n)]
+
+    att, crown = get("attack"), get("crown")
+    if any(r is None for r in att + crown):
+        return [f"{net:>4} l{norm:<3} {eps:>6g}  (incomplete)"]
+    best = [a["value"] for a in att]
+    babs = [(f"B&B {b:g}s", get(f"bab{b:g}")) for b in args.budgets]
+    for _, rs in babs:
+        for i, r in enumerate(rs):
+            if r is not None:
+                best[i] = max(best[i], r["lower"])
+    out = []
+    ratio = [c["upper"] / best[i] if best[i] > 0 else float("inf") for i, c in enumerate(crown)]
+    out.append(f"{net:>4} l{norm:<3} {eps:>6g} {'CROWN':>10} {_med([c['upper'] for c in crown]):>8.4g} "
+               f"{_med(best):>8.4g} {_med(ratio):>7.2f} {max(ratio):>7.2f} {'-':>6} {'-':>7} {'-':>5} "
+               f"{'-':>10} {_med([c['time'] for c in crown]):>6.2f}  -")
+    for name, rs in babs:
+        done = [(i, r) for i, r in enumerate(rs) if r is not None]
+        if not done:
+            continue
+        rat = [r["upper"] / best[i] if best[i] > 0 else float("inf") for i, r in done]
+        run = [r for _, r in done if not r.get("carried")]
+        bab_t = [max(r["time"] - r["attack_time"], 1e-9) for r in run]
+        rates = [r["subdomains"] / t for r, t in zip(run, bab_t)]
+        lp = [r["lp_time"] / t for r, t in zip(run, bab_t)]
+        stops: dict = {}
+        for _, r in done:
+            stops[r["stop"]] = stops.get(r["stop"], 0) + 1
+        closed = stops.get("gap closed", 0)
+        unst = [r["unstable"] for _, r in done]
+        part = "" if len(done) == n else f" ({len(done)}/{n} images)"
+        out.append(
+            f"{net:>4} l{norm:<3} {eps:>6g} {name:>10} {_med([r['upper'] for _, r in done]):>8.4g} "
+            f"{_med([best[i] for i, _ in done]):>8.4g} {_med(rat):>7.2f} {max(rat):>7.2f} {closed:>3}/{len(done):<2} "
+            f"{_med(rates):>7.1f} {100 * _med(lp):>4.0f}% {f'{_med(unst):.0f}/{max(unst)}':>10} "
+            f"{_med([r['time'] for _, r in done]):>6.1f}  "
+            + ", ".join(f"{k} {v}" for k, v in sorted(stops.items())) + part
+        )
+    return out
+
+
+def cosine_summary(net, norm, eps, n, rows: Rows) -> str:
+    crown = [rows.get(net, norm, eps, "crown", i) for i in range(n)]
+    cos = [rows.get(net, norm, eps, "cosine", i) for i in range(n)]
+    if any(r is None for r in crown + cos):
+        return f"{net:>4} l{norm:<3} {eps:>6g}  (incomplete)"
+    before = [c["cosine"] for c in crown]
+    after = [max(c["lower"], b) for c, b in zip(cos, before)]
+    closed = sum(c["stop"] == "gap closed" for c in cos)
+    return (f"{net:>4} l{norm:<3} {eps:>6g} {sum(v >= 0.9 for v in before):>3}/{n:<3} {sum(v >= 0.9 for v in after):>3}/{n:<3} "
+            f"{_med(before):>10.4f} {_med([c['lower'] for c in cos]):>10.4f} {_med([c['upper'] for c in cos]):>10.4f} "
+            f"{closed:>3}/{n:<3}")
+
+
+def _csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--eps", type=float, nargs="+", default=[0.002, 0.005])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 10.0])
-    ap.add_argument("--long-budget", type=float, default=60.0, help="0: skip")
-    ap.add_argument("--long-n", type=int, default=4)
-    ap.add_argument("--long-eps", type=float, default=0.005)
+    ap.add_argument("--nets", type=_csv(str), default=["mlp", "cnn"])
+    ap.add_argument("--norms", type=_csv(str), default=["inf", "2"])
+    ap.add_argument("--budgets", type=_csv(float), default=[1.0, 10.0, 60.0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--eps-inf", type=_csv(float), default=[0.002, 0.005])
+    ap.add_argument("--eps-2", type=_csv(float), default=[0.03])
     ap.add_argument("--cos-budget", type=float, default=2.0)
     ap.add_argument("--tol", type=float, default=0.01)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[100, 100])
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--mem", type=float, default=512.0, help="complete_bound max_memory_mb")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--checkpoint", default=None, help="reuse a certattr checkpoint dir instead of training")
-    ap.add_argument("--save-checkpoint", default=None, help="write the trained model there")
+    ap.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "complete_mnist_rows.jsonl"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "complete_mnist.txt"))
+    ap.add_argument("--fresh", action="store_true", help="discard the rows file and start over")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite --out from the rows file")
     args = ap.parse_args(argv)
+    for net in args.nets:
+        if net not in NETS:
+            ap.error(f"unknown net {net!r}: choose from {', '.join(NETS)}")
+    for norm in args.norms:
+        if norm not in ("inf", "2"):
+            ap.error(f"unknown norm {norm!r}: inf or 2")
 
-    lines: list[str] = []
+    head: list[str] = []
 
     def log(s: str) -> None:
         print(s, flush=True)
-        lines.append(s)
+        head.append(s)
 
     t_all = time.perf_counter()
-    log(
-        "bench_complete_mnist: python benchmarks/bench_complete_mnist.py "
-        + " ".join(argv if argv is not None else sys.argv[1:])
-    )
-    log(
-        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-        f"machine {platform.machine()} {os.cpu_count()} cores (shared), torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()} (complete_bound runs single-threaded), "
-        f"load average {os.getloadavg()[0]:.1f} at start"
-    )
-    model, _ = _model(args, log)
+    log("bench_complete_mnist: python benchmarks/bench_complete_mnist.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]))
+    log(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine "
+        f"{platform.machine()} {os.cpu_count()} cores (shared), torch {torch.__version__}; complete_bound runs "
+        f"single-threaded; load average {os.getloadavg()[0]:.1f} at start")
+    rows = Rows(pathlib.Path(args.rows), args.fresh)
     x_te, _ = load_dataset("mnist", "test")
-    x = x_te[: args.n].clone()
-    log(
-        f"samples: first {args.n} MNIST test images, l_inf, saliency of the predicted logit, domain [0, 1]; "
-        f"tol {args.tol:g}"
-    )
+    x = x_te[: args.images].clone()
+    configs = [(norm, eps) for norm in args.norms for eps in (args.eps_inf if norm == "inf" else args.eps_2)]
+    log(f"samples: first {args.images} MNIST test images, saliency of the predicted logit, domain [0, 1]; "
+        f"tol {args.tol:g}; budgets {args.budgets} s per sample; rows in {args.rows}")
+    for net in [] if args.report_only else args.nets:
+        model = _model(net, args.seed, log)
+        for norm, eps in configs:
+            run_config(model, net, norm, eps, x, args, rows, log)
+            _write(args, rows, head, configs, t_all)
+    _write(args, rows, head, configs, t_all)
+    return 0
 
-    hdr = (
-        f"{'eps':>6} {'bound':>12} {'med_up':>8} {'med_att':>8} {'up/att':>7} {'max':>6} {'closed':>6} "
-        f"{'subd/s':>7} {'unst(med/max)':>13} {'med_s':>6}"
-    )
-    table: list[str] = []
-    cos_rows: list[str] = []
-    raw: list[str] = []
-    for eps in args.eps:
-        t0 = time.perf_counter()
-        att = deviation_attack(model, x, eps, norm="inf", objective="euclidean", seed=args.seed)
-        t_att = time.perf_counter() - t0
-        best = [float(v) if bool(f) else 0.0 for v, f in zip(att.euclidean, att.label_kept)]
-        t0 = time.perf_counter()
-        crown = certified_bound(model, x, eps, norm="inf", method="crown")
-        t_crown = time.perf_counter() - t0
-        runs = []
-        for b in args.budgets:
-            r = complete_bound(model, x, eps, budget_s=b, tol=args.tol, seed=args.seed)
-            runs.append((f"B&B {b:g}s", r, list(range(args.n))))
-        long_idx: list[int] = []
-        if args.long_budget > 0 and abs(eps - args.long_eps) < 1e-12:
-            # rerun only samples the longest short budget stopped on "budget" ("gap closed" and
-            # "exhausted" cannot change with more time: the search is the same up to the deadline)
-            last = runs[-1][1]
-            long_idx = [i for i in range(args.n) if last.stop_reason[i] == "budget"][: args.long_n]
-        if long_idx:
-            r = complete_bound(
-                model, x[long_idx], eps, budget_s=args.long_budget, tol=args.tol, seed=args.seed
-            )
-            runs.append((f"B&B {args.long_budget:g}s*", r, long_idx))
-        for _, r, idx in runs:
-            for j, i in enumerate(idx):
-                best[i] = max(best[i], float(r.lower[j]))
-        # before: CROWN
-        ratio = [float(crown.euclidean[i]) / best[i] for i in range(args.n)]
-        table.append(
-            f"{eps:>6g} {'CROWN':>12} {_med([float(v) for v in crown.euclidean]):>8.4g} {_med(best):>8.4g} "
-            f"{_med(ratio):>7.2f} {max(ratio):>6.2f} {'-':>6} {'-':>7} {'-':>13} {t_crown / args.n:>6.2f}"
-        )
-        for name, r, idx in runs:
-            ups = [float(v) for v in r.upper]
-            rat = [ups[j] / best[i] for j, i in enumerate(idx)]
-            det = r.details["per_sample"]
-            rates = [
-                int(r.subdomains[j]) / max(d["time"] - d["attack_time"], 1e-9) for j, d in enumerate(det)
-            ]
-            unst = [d["unstable_at_root"] for d in det]
-            closed = sum(s == "gap closed" for s in r.stop_reason)
-            table.append(
-                f"{eps:>6g} {name:>12} {_med(ups):>8.4g} {_med([best[i] for i in idx]):>8.4g} {_med(rat):>7.2f} "
-                f"{max(rat):>6.2f} {closed:>3}/{len(idx):<2} {_med(rates):>7.0f} "
-                f"{f'{_med(unst):.0f}/{max(unst)}':>13} {_med([d['time'] for d in det]):>6.2f}"
-            )
-            for j, i in enumerate(idx):
-                raw.append(
-                    f"  eps {eps:g} {name:>9} img {i}: lower {float(r.lower[j]):.4g} upper {ups[j]:.4g} "
-                    f"best attack {best[i]:.4g} crown {float(crown.euclidean[i]):.4g} stop {r.stop_reason[j]} "
-                    f"subdomains {int(r.subdomains[j])} open {det[j]['open']} unstable {unst[j]}/"
-                    f"{det[j]['units']}"
-                )
-        if long_idx:  # all samples at the long budget: reruns, the rest carried over from the short run
-            last, lr_ = runs[-2][1], runs[-1][1]
-            ups = [float(v) for v in last.upper]
-            for j, i in enumerate(long_idx):
-                ups[i] = float(lr_.upper[j])
-            rat = [ups[i] / best[i] for i in range(args.n)]
-            closed = sum(s == "gap closed" for s in last.stop_reason) + sum(
-                s == "gap closed" for s in lr_.stop_reason
-            )
-            table.append(
-                f"{eps:>6g} {f'B&B {args.long_budget:g}s all':>12} {_med(ups):>8.4g} {_med(best):>8.4g} "
-                f"{_med(rat):>7.2f} {max(rat):>6.2f} {closed:>3}/{args.n:<2} {'-':>7} {'-':>13} {'-':>6}"
-            )
-        print("\n".join([hdr] + table[-len(runs) - 1 - bool(long_idx) :]), flush=True)
-        # cosine >= 0.9: before (CROWN) and after (complete_bound cosine objective, short budget)
-        rc = complete_bound(model, x, eps, objective="cosine", budget_s=args.cos_budget, tol=args.tol)
-        before = [float(v) for v in crown.cosine]
-        after = [max(float(a), b) for a, b in zip(rc.lower, before)]
-        reached = [float(v) for v in rc.upper]
-        cos_rows.append(
-            f"{eps:>6g} {sum(c >= 0.9 for c in before):>3}/{args.n:<3} {sum(c >= 0.9 for c in after):>3}/{args.n:<3} "
-            f"{_med(before):>10.4f} {_med([float(v) for v in rc.lower]):>10.4f} {_med(reached):>10.4f} "
-            f"{sum(s == 'gap closed' for s in rc.stop_reason):>3}/{args.n:<3}"
-        )
-        print(cos_rows[-1], flush=True)
-        raw.append(
-            f"  eps {eps:g}: deviation_attack {t_att:.1f} s, certified_bound {t_crown:.1f} s (all {args.n})"
-        )
 
-    log("")
-    log("Euclidean saliency deviation: upper bound vs best reached deviation (medians over samples)")
-    log(hdr)
-    for row in table:
-        log(row)
-    log("")
-    log(f"certified cosine >= 0.9 (complete_bound objective='cosine', {args.cos_budget:g} s per sample):")
-    log(
-        f"{'eps':>6} {'before':>7} {'after':>7} {'med_cos_bef':>10} {'med_cos_bab':>10} {'med_reach':>10} "
-        f"{'closed':>7}"
-    )
-    for row in cos_rows:
-        log(row)
-    log("")
-    log("per sample:")
-    for row in raw:
-        log(row)
-    log("")
-    log(
-        "columns: med_up: median upper bound; med_att: median best reached deviation (max of deviation_attack"
-    )
-    log(
-        "  and every complete_bound lower); up/att, max: median and worst ratio upper / best attack; closed: gap"
-    )
-    log(
-        f"  <= tol {args.tol:g} relative; subd/s: subdomains per second of B&B (attack excluded); unst: unstable"
-    )
-    log("  ReLUs at the root; med_s: seconds per sample; *: only the samples (at most --long-n) that the")
-    log("  longest short budget stopped on 'budget'; 'all': those reruns plus every other sample's result at")
-    log("  the longest short budget (stopped 'gap closed' or 'exhausted': more time changes nothing).")
-    log("  'exhausted' with a gap above tol: a leaf whose LP was 'unsure' (slightly negative depth, inside")
-    log("  the float margins) could neither be dropped nor realised; its value stays in the upper bound.")
-    log("  cosine: before = certified_bound(crown).cosine, after = max(before, complete_bound cosine lower);")
-    log("  med_cos_bab: median complete_bound cosine lower alone; med_reach: median cosine reached at")
-    log("  complete_bound's witness (an upper bound on min cos).")
-    log(f"total wall time {time.perf_counter() - t_all:.0f} s")
+def _write(args, rows, head, configs, t_all) -> None:
+    n = args.images
+    hdr = (f"{'net':>4} {'norm':<4} {'eps':>6} {'bound':>10} {'med_up':>8} {'med_att':>8} {'up/att':>7} {'max':>7} "
+           f"{'closed':>6} {'subd/s':>7} {'lp%':>5} {'unst/max':>10} {'med_s':>6}  stop reasons")
+    table = [r for net in args.nets for norm, eps in configs for r in summarise(net, norm, eps, n, args, rows)]
+    cos = [cosine_summary(net, norm, eps, n, rows) for net in args.nets for norm, eps in configs]
+    stamps = sorted(r["ts"] for r in rows.rows.values() if "ts" in r)
+    undated = sum("ts" not in r for r in rows.rows.values())
+    head = head + [f"rows: {len(rows.rows)} in {args.rows}"
+                   + (f", measured {stamps[0]} .. {stamps[-1]}" if stamps else "")
+                   + (f", {undated} without a time stamp (measured 2026-12-02 02:03-02:45 UTC by the runs of "
+                      "this script's first version of the rows format)" if undated else "")]
+    lines = head + ["", "Euclidean saliency deviation: upper bound vs best reached deviation (medians over samples)",
+                    hdr] + table
+    lines += ["", f"certified cosine >= 0.9 (complete_bound objective='cosine', {args.cos_budget:g} s per sample):",
+              (f"{'net':>4} {'norm':<4} {'eps':>6} {'before':>7} {'after':>7} {'med_cos_bef':>10} "
+               f"{'med_cos_bab':>10} {'med_reach':>10} {'closed':>7}")] + cos
+    lines += ["", "per sample (B&B rows):"]
+    for net in args.nets:
+        for norm, eps in configs:
+            for b in args.budgets:
+                for i in range(n):
+                    r = rows.get(net, norm, eps, f"bab{b:g}", i)
+                    c = rows.get(net, norm, eps, "crown", i)
+                    if r is None:
+                        continue
+                    lines.append(
+                        f"  {net} l{norm} eps {eps:g} B&B {b:g}s img {i}: lower {r['lower']:.4g} upper {r['upper']:.4g} "
+                        f"crown {c['upper'] if c else float('nan'):.4g} stop {r['stop']} subdomains {r['subdomains']} "
+                        f"open {r['open']} lp {r['lp_calls']} (empty {r['empty_leaves']}) unstable "
+                        f"{r['unstable']}/{r['units']}{' carried' if r.get('carried') else ''}")
+    lines += ["", LEGEND, f"wall time of this invocation {time.perf_counter() - t_all:.0f} s"]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    return 0
+
+
+LEGEND = """columns: med_up: median upper bound; med_att: median best reached deviation (max of deviation_attack and
+  every complete_bound lower); up/att, max: median and worst ratio upper / best attack; closed: gap <= tol
+  relative; subd/s: subdomains per second of B&B (attack excluded, median; rows carried from a smaller budget
+  excluded); lp%: share of that time in leaf programs (LP / SOCP + Farkas verification); unst/max: unstable
+  ReLUs at the root, median / max (units: mlp 200, cnn 4804); med_s: seconds per sample; stop reasons:
+  "gap closed", "exhausted" (nothing left to branch: the remaining gap is the float widening or a leaf whose
+  program was "unsure"), "budget" (out of time: the upper bound is the largest open subdomain's bound),
+  "memory" (open list at max_memory_mb).
+  Neither complete_bound nor certified_bound uses the label constraint (both bound the whole ball).
+  cosine: before = certified_bound(crown).cosine, after = max(before, complete_bound cosine lower);
+  med_cos_bab: median complete_bound cosine lower alone; med_reach: median cosine reached at its witness."""
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Knows models and tensors only (nothing about data sets, files or the CLI).  Publ
   holding with probability 1 - alpha over the Monte Carlo draw.
 * ``complete_bound``: branch-and-bound on ReLU phases (ReLU MLPs, l_inf, saliency): a deviation
   actually reached (``lower``, with its point) and a sound ``upper``; exact when the gap closes.
+  Other networks / norms / attributions: branch-and-bound on input boxes (``complete_input``,
+  ``branching="input"``, chosen automatically by ``branching="auto"``).
 """
 from __future__ import annotations
 

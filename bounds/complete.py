@@ -1,8 +1,8 @@
-"""Complete verification of the worst-case saliency deviation of ReLU MLPs by branch-and-bound (SPEC 9.2).
+"""Complete verification of the worst-case saliency deviation of ReLU networks by branch-and-bound (SPEC 9.2).
 
 Problem (per sample, label constraint dropped as in ``certified_bound``):
 
-    D*(x) = max { ||g(x') - g(x)||_2 : ||x' - x||_inf <= eps, lo <= x' <= hi },   g = d f_y / dx,
+    D*(x) = max { ||g(x') - g(x)||_2 : ||x' - x||_p <= eps, lo <= x' <= hi },   g = d f_y / dx,  p in {inf, 2},
 
 with g evaluated as torch does (the model's dtype, relu'(0) = 0).  For a ReLU MLP g is constant on every
 activation region, g = g_D = W_1^T D_1 ... W_K^T D_K w, so D* is a maximum over the patterns D that the
@@ -26,21 +26,22 @@ Algorithm (best-first branch-and-bound on ReLU phases, batched):
    the subdomain's bound  ub = || max(gU - g0, g0 - gL) ||_2  >= ||g_D - g0|| for every pattern D
    compatible with the phases (each |g_j - g0_j| <= max(gU_j - g0_j, g0_j - gL_j)).
 3. A leaf (every phase known) has the single pattern D: its value v = ||g_D - g0||_2 is exact.  If
-   v > incumbent, one LP decides it (``leaf_program``): empty (even with the margin-widened
-   constraints) -> dropped; otherwise v is kept in the upper bound, and the LP's interior point is
+   v > incumbent, one program decides it (``complete_leaf.leaf_program``; l_inf an LP, l2 a SOCP):
+   empty (a Farkas certificate of the margin-widened constraints, verified in float64 with outward
+   rounding) -> dropped; otherwise v is kept in the upper bound, and the program's interior point is
    scored on the real network (usually raising the incumbent to v).
 4. Prune subdomains with ub <= incumbent: their points cannot beat a deviation already reached.
    Branch the others on the free unit with the largest score (``branch_scores``).
 5. Incumbent: sampling + softplus-surrogate PGD (``complete_attack``) first, then leaf witnesses.
 
 Soundness: every point x' of the ball lies, with torch's pattern P(x'), in some leaf of the split tree
-(step 1); a dropped subdomain contains no such point (crossing exact bounds, or an empty LP with
-margins), a pruned one has all its patterns' values <= ub <= lower; so the float64 deviation of the
+(step 1); a dropped subdomain contains no such point (crossing exact bounds, or a verified Farkas
+certificate with margins), a pruned one has all its patterns' values <= ub <= lower; so the float64 deviation of the
 pattern, ||g_P - g0||, is at most max(incumbent, kept leaf values, open ub) (the incumbent as used for
 pruning).  Torch's float g(x') differs from g_P by at most the vector ``gradient_float_error`` (err), so
     upper = max(incumbent, kept leaf values, open ub) + ||err||_2.
-The LP empty decision relies on HiGHS's optimality tolerance (1e-7, rows normalised; we demand
-1e-6 below the margin threshold).  "gap closed": gap <= max(tol * upper, 2 ||err||_2) (a gap of the
+No solver tolerance enters an "empty" decision: the solver only proposes the dual multipliers, and
+``complete_leaf.farkas_verified`` checks them (module docstring there).  "gap closed": gap <= max(tol * upper, 2 ||err||_2) (a gap of the
 size of the float widening cannot be closed by branching: e.g. a ball with one activation pattern has
 lower = 0 and upper = ||err||_2).  "exhausted": nothing left to
 branch (the gap is then at most the float widening, or a leaf whose LP point did not realise its
@@ -51,9 +52,17 @@ Objective "cosine" (``complete_objective``): the same search on the badness -cos
 witness, and "gap closed" means upper - lower <= tol (absolute).  Torch's float error enters the node and
 leaf bounds directly (boxes widened by err).
 
-Supported: ReLU MLPs (Linear/ReLU, flatten first), l_inf, saliency, objectives "euclidean" and "cosine".
-Anything else is a ValueError (use ``certified_bound`` for a sound, incomplete bound on other networks:
-CNNs, max-pooling, smooth activations, l2, other attributions).
+l2 (``norm=2``): the region is ball ∩ box.  Layer-1 bounds intersect the box range with
+w x0 + b +- r ||w||_2; CROWN concretises with min(box, ball) maxima; leaves are SOCPs; every bound uses
+the outer radius r = eps (1 + 4 gamma_{n+4}) (every point a float check ||x' - x||_2 <= eps accepts),
+witnesses the inner radius eps (1 - max(1e-4, 4 gamma_{n+4})) and are rounded towards x
+(``complete_attack.ball_radii`` / ``project``), so they pass that check in float32 and float64.
+
+Supported: ReLU networks without max-pooling (Linear, Conv2d, AvgPool2d, BatchNorm folded, Flatten:
+``complete_net`` turns every affine op into an exact dense float64 matrix; the float margins count each
+op's true fan-in), l_inf and l2, saliency, objectives "euclidean" and "cosine".  Other networks and
+attributions raise ``checks.PhaseBranchingUnsupported`` (``branching="auto"`` then uses input
+branching, ``complete_input``); bad arguments raise ValueError.
 """
 
 from __future__ import annotations
@@ -75,19 +84,19 @@ from .checks import (
     check_x,
     resolve_target,
 )
-from .complete_attack import attack, project, real_badness
+from .complete_attack import attack, ball_radii, project, real_badness
+from .complete_leaf import leaf_program
 from .complete_mlp import (
     DT,
     ReluMLP,
     _crown_upper,
-    _gamma,
     branch_scores,
     gradient_box,
     gradient_box_linear,
     gradient_float_error,
     leaf_gradient,
-    leaf_program,
     margins,
+    output_error,
     phases,
     preact_bounds,
     relu_mlp_from_chain,
@@ -144,13 +153,11 @@ def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, m
     check_x(x)
     eps = check_eps(eps)
     norm = check_norm(norm)
-    if norm != "inf":
-        raise ValueError("complete_bound supports norm='inf' only (l2 needs a cone program per leaf)")
     attribution = check_attribution(attribution)
     if attribution != "saliency":
-        raise ValueError(
-            f"complete_bound supports attribution='saliency' only (got {attribution!r}): "
-            "gradient x input and IG are not constant on activation regions"
+        raise PhaseBranchingUnsupported(
+            f"complete_bound's phase branching supports attribution='saliency' only (got {attribution!r}): "
+            "gradient x input and IG are not constant on activation regions; use branching='input' or 'auto'"
         )
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -192,6 +199,8 @@ def complete_bound(
     batch_size: int = 256,
     threads: int | None = 1,
     gradient_bound: str = "linear",
+    branching: str = "auto",
+    ig_steps: int = 50,
 ) -> CompleteResult:
     """Branch-and-bound on ReLU phases: per sample a reached deviation ``lower``, a sound ``upper`` and
     the gap (see the module docstring for the proof).  ``budget_s``: wall-clock seconds per sample;
@@ -201,7 +210,25 @@ def complete_bound(
     of branch-and-bound ran 8-30x faster single-threaded on a shared 2-core machine; None leaves
     torch's setting);
     ``gradient_bound``: "linear" (interval box intersected with the linear relaxation
-    ``gradient_box_linear``, default) or "interval" (the interval box alone)."""
+    ``gradient_box_linear``, default) or "interval" (the interval box alone).
+    ``branching``: "phases" (this module), "input" (``complete_input.input_branch_bound``: boxes of the
+    input region, any network ``certified_bound`` accepts, norms inf / 2, every attribution, IG with
+    ``ig_steps``; method "input-bab") or "auto": input branching where phases can never apply
+    (``complete_input.phase_supported``: smooth activations, max-pool, attribution != saliency), else
+    the phase mode, falling back to input branching when it raises ``PhaseBranchingUnsupported``."""
+    from . import complete_input as ci
+
+    if branching not in ci.BRANCHING:
+        raise ValueError(f"branching must be one of {', '.join(ci.BRANCHING)}, got {branching!r}")
+    if branching != "phases":
+        args = (model, x, eps, norm, attribution, objective, budget_s, tol, target, domain, seed, max_memory_mb,
+                batch_size, threads, ig_steps)
+        if branching == "input" or not ci.phase_supported(model, x, attribution):
+            return ci.input_branch_bound(*args)
+        try:
+            return complete_bound(*args[:14], gradient_bound, branching="phases")
+        except PhaseBranchingUnsupported:
+            return ci.input_branch_bound(*args)
     if gradient_bound not in ("linear", "interval"):
         raise ValueError(f"gradient_bound must be 'linear' or 'interval', got {gradient_bound!r}")
     t0 = time.perf_counter()
@@ -231,6 +258,7 @@ def complete_bound(
                 eps,
                 dom,
                 objective,
+                norm,
                 float(budget_s),
                 float(tol),
                 rng,
@@ -274,28 +302,31 @@ def complete_bound(
     )
 
 
-def _label_certified(mlp: ReluMLP, lows, highs, marg, xl, xu, target: int) -> bool:
+def _label_certified(mlp: ReluMLP, lows, highs, marg, xl, xu, target: int, ball=None) -> bool:
     """CROWN lower bound of every margin f_y - f_j > its float evaluation error (logit errors as in
-    ``complete_mlp.margins``: |W| E_K + 2 gamma_{h+2} (|W| H_K + |b|) + 1e-6 relative + 1e-7)."""
+    ``complete_mlp.margins``, ``output_error``; the region: box, or ball ∩ box)."""
     w, b = mlp.weights[-1], mlp.biases[-1]
     if w.shape[0] < 2:
         return True
     others = [j for j in range(w.shape[0]) if j != target]
     lam = (w[others] - w[target]).unsqueeze(0)  # upper bound of f_j - f_y
     bias = (b[others] - b[target]).unsqueeze(0)
-    ub = _crown_upper(mlp, lam, bias, lows, highs, len(mlp.widths) - 1, xl, xu)[0]
-    h = highs[-1][0].clamp_min(0)
-    g = 2 * _gamma(w.shape[1] + 2, mlp.unit_roundoff) + 1e-6
-    err = w.abs() @ marg[-1] + g * (w.abs() @ h + b.abs()) + 1e-7  # as in ``margins``
+    ub = _crown_upper(mlp, lam, bias, lows, highs, len(mlp.widths) - 1, xl, xu, ball=ball)[0]
+    err = output_error(mlp, marg[-1], highs[-1][0].clamp_min(0))
     return bool((ub + err[others] + err[target] < 0).all())
 
 
 def _one_sample(
-    model, mlp, x, target, g0_t, eps, dom, objective, budget, tol, rng, mem_mb, batch_size, gradient_bound
+    model, mlp, x, target, g0_t, eps, dom, objective, norm, budget, tol, rng, mem_mb, batch_size, gradient_bound
 ) -> dict:
     t_start = time.perf_counter()
     shape, dtype = tuple(x.shape), x.dtype
     x64 = x.reshape(-1).to(DT)
+    ball = leaf_ball = wit_ball = None
+    if norm == "2":  # bounds over the ball of radius eps_out (every point a float check accepts)
+        eps_in, eps_out = ball_radii(eps, x64.numel(), dtype)
+        ball, wit_ball, leaf_ball = (x64, eps_out), (x64, eps_in), (x64, eps_in, eps_out)
+        eps = eps_out
     xl, xu = x64 - eps, x64 + eps
     if dom is not None:
         xl, xu = xl.clamp_min(dom[0]), xu.clamp_max(dom[1])
@@ -305,17 +336,18 @@ def _one_sample(
     obj = Objective(objective, g0, gradient_float_error(mlp, target))
     widen = obj.widen
     root = torch.zeros(1, mlp.units, dtype=torch.int8)
-    lows, highs, _ = preact_bounds(mlp, root, xl, xu, marg)
-    label = _label_certified(mlp, lows, highs, marg, xl, xu, target)
+    lows, highs, _ = preact_bounds(mlp, root, xl, xu, marg, ball=ball)
+    label = _label_certified(mlp, lows, highs, marg, xl, xu, target, ball)
+    root_bounds = (lows, highs)  # valid on every subdomain (subsets of the root)
     if eps == 0.0:  # the ball is {x}: g(x') = g(x) exactly (same float evaluation)
         pt = x.reshape(-1).clone()
         val = float(real_badness(model, pt.unsqueeze(0), target, obj, shape)[0][0])
         lower, upper = obj.report(val, val - widen)
         return _pack(lower, upper, pt, 0, 0, "gap closed", label, {})
-    best, best_pt = attack(model, mlp, x64, xl, xu, target, obj, shape, dtype, rng)
+    best, best_pt = attack(model, mlp, x64, xl, xu, target, obj, shape, dtype, rng, ball=wit_ball)
     t_attack = time.perf_counter() - t_start
 
-    state = {"best": best, "pt": best_pt, "kept": -float("inf"), "lp": 0, "subs": 0}
+    state = {"best": best, "pt": best_pt, "kept": -float("inf"), "lp": 0, "subs": 0, "lp_time": 0.0}
     deadline = t_start + budget
     bytes_per_node = mlp.units + 24
     max_open = max(1024, int(mem_mb * 2**20 / 2 / bytes_per_node))
@@ -339,7 +371,7 @@ def _one_sample(
                 keep_br.append(torch.full((splits.shape[0] - start,), -1, dtype=torch.long))
                 break
             state["subs"] += s.shape[0]
-            lo, hi, empty = preact_bounds(mlp, s, xl, xu, marg, BETA_ITERS)
+            lo, hi, empty = preact_bounds(mlp, s, xl, xu, marg, BETA_ITERS, ball, prior=root_bounds)
             ph = phases(mlp, s, lo, hi, marg)
             rec: list = []
             gl, gu = gradient_box(mlp, ph, target, rec)
@@ -358,7 +390,7 @@ def _one_sample(
                     if time.perf_counter() > deadline:
                         break
                     state["lp"] += 1
-                    if leaf_program(mlp, ph[i], s[i], xl, xu, marg)[0] == "empty":
+                    if leaf_program(mlp, ph[i], s[i], xl, xu, marg, leaf_ball)[0] == "empty":
                         live[i] = False
             if live.any():
                 sc = branch_scores(
@@ -385,8 +417,11 @@ def _one_sample(
             if time.perf_counter() > deadline:  # no time for the LP: keep the value (sound)
                 state["kept"] = max(state["kept"], v)
                 break
-            status, xs, _t = leaf_program(mlp, ph[i], s[i], xl, xu, marg)
+            t_lp = time.perf_counter()
+            status, xs, _t = leaf_program(mlp, ph[i], s[i], xl, xu, marg, leaf_ball)
+            state["lp_time"] += time.perf_counter() - t_lp
             state["lp"] += 1
+            state["empty_leaves"] = state.get("empty_leaves", 0) + (status == "empty")
             if status == "empty":
                 continue
             state["kept"] = max(state["kept"], v)  # (initial -inf)
@@ -396,12 +431,12 @@ def _one_sample(
     def _witness(xs, v):
         """Score the LP point on the real net; if torch's pattern there is not the leaf's (a thin region,
         float rounding), also try points jittered by 1e-7 .. 1e-3 around it."""
-        pts = project(xs.unsqueeze(0), xl, xu, dtype)
+        pts = project(xs.unsqueeze(0), xl, xu, dtype, wit_ball)
         dev, _ = real_badness(model, pts, target, obj, shape)
         if float(dev[0]) < v - 2 * widen - 1e-3 * abs(v):
             scale = torch.logspace(-7, -3, 64, dtype=DT).unsqueeze(1)
             noise = (torch.rand(64, xs.numel(), generator=rng, dtype=DT) * 2 - 1) * scale
-            pts = project(xs.unsqueeze(0) + noise, xl, xu, dtype)
+            pts = project(xs.unsqueeze(0) + noise, xl, xu, dtype, wit_ball)
             dev, _ = real_badness(model, pts, target, obj, shape)
         i = int(dev.argmax())
         if float(dev[i]) > state["best"]:
@@ -452,6 +487,8 @@ def _one_sample(
     details = {
         "open": int(open_s.shape[0]),
         "attack_time": t_attack,
+        "lp_time": state["lp_time"],
+        "empty_leaves": state.get("empty_leaves", 0),
         "time": time.perf_counter() - t_start,
         "float_widening": widen,
         "units": mlp.units,

@@ -2,8 +2,10 @@
 
 Every value returned here is ||g(x') - g(x)||_2 with g computed by autograd on the user's model (its
 dtype, relu'(0) = 0) at a point x' in the model's dtype that lies in the l_inf ball ∩ domain *as
-checked in float64* (``project``).  Search: random box points and vertices, then PGD (sign steps) on
-the softplus surrogate (same weights, beta annealed), scoring every iterate on the real network.
+checked in float64* (``project``; l2: also as a float check of ||x' - x||_2 <= eps in the model's dtype
+sees it, ``ball_radii``).  Search: random points of the region (box points and vertices; l2: random
+directions at random and full radius), then PGD (sign steps; l2: normalised-gradient steps) on the
+softplus surrogate (same weights, beta annealed), scoring every iterate on the real network.
 """
 
 from __future__ import annotations
@@ -16,11 +18,39 @@ from .attribution import logit_gradient
 from .complete_mlp import DT, ReluMLP
 
 
-def project(points: np.ndarray | torch.Tensor, xl64: torch.Tensor, xu64: torch.Tensor, dtype) -> torch.Tensor:
-    """Round points (P, n) to ``dtype`` and move every coordinate that rounding pushed outside
-    [xl, xu] (float64 box) one ulp back in (repeatedly): the result lies in the box exactly."""
+def ball_radii(eps: float, n: int, dtype) -> tuple[float, float]:
+    """(inner, outer) radii for an l2 ball of radius eps in ``dtype``: a point at exact distance <= inner
+    passes a float check ||x' - x||_2 <= eps in ``dtype`` (the computed norm errs by at most
+    gamma_{n+4} relative, Higham), and every point that passes such a check is at exact distance
+    <= outer.  Both use 4 gamma_{n+4} (at least 1e-4 relative for the inner one)."""
+    u = float(torch.finfo(dtype).eps) / 2
+    k = (n + 4) * u
+    g = 4 * k / (1 - k) if k < 0.1 else 0.5
+    return eps * (1 - max(1e-4, g)), eps * (1 + g)
+
+
+def project(points: np.ndarray | torch.Tensor, xl64: torch.Tensor, xu64: torch.Tensor, dtype,
+            ball=None) -> torch.Tensor:
+    """Round points (P, n) to ``dtype`` inside the region as checked in float64.
+
+    l_inf (``ball`` None): clamp to [xl, xu] and move every coordinate that rounding pushed outside one
+    ulp back in (repeatedly).  l2 (``ball`` = (x0 float64 (n,), r): x0 exactly representable in
+    ``dtype``, r the inner radius of ``ball_radii``): clamp to the box, scale x' - x0 to length <= r,
+    clamp again (x0 lies in the box, so clamping moves every coordinate towards x0: the distance only
+    shrinks), then round every coordinate towards x0 (nearest, or one ulp back where nearest went
+    away from x0): each rounded coordinate lies between x0_i and x'_i, so the point stays in the box
+    and at distance <= r from x0."""
     p = torch.as_tensor(points, dtype=DT)
     p = torch.minimum(torch.maximum(p, xl64), xu64)
+    if ball is not None:
+        x0, r = ball
+        d = p - x0
+        nrm = d.norm(dim=1, keepdim=True)
+        scale = torch.where(nrm > r, r / nrm.clamp_min(1e-300), torch.ones_like(nrm))
+        p = torch.minimum(torch.maximum(x0 + d * scale, xl64), xu64)
+        q = p.to(dtype)
+        away = (q.to(DT) - x0).abs() > (p - x0).abs()
+        return torch.where(away, torch.nextafter(q, x0.to(dtype).expand_as(q)), q)
     q = p.to(dtype)
     for _ in range(4):
         low = q.to(DT) < xl64
@@ -70,24 +100,40 @@ def attack(
     samples: int = 256,
     restarts: int = 16,
     steps: int = 24,
+    ball=None,
 ) -> tuple[float, torch.Tensor]:
-    """Best (badness, point) found by sampling and softplus-surrogate PGD; the point is in ``dtype``."""
+    """Best (badness, point) found by sampling and softplus-surrogate PGD; the point is in ``dtype``.
+    l_inf: uniform box points and vertices, sign steps.  l2 (``ball`` = (x0, inner radius)): uniform
+    directions at uniform and full radius, normalised-gradient steps; every point goes through
+    ``project``."""
     n = x64.numel()
-    rad = (xu - xl) / 2
-    u = torch.rand(samples, n, generator=rng, dtype=DT)
-    vert = (torch.rand(samples, n, generator=rng, dtype=DT) > 0.5).to(DT)
-    cand = torch.cat([x64.unsqueeze(0), xl + u * (xu - xl), xl + vert * (xu - xl)])
-    pts = project(cand, xl, xu, dtype)
+    if ball is None:
+        u = torch.rand(samples, n, generator=rng, dtype=DT)
+        vert = (torch.rand(samples, n, generator=rng, dtype=DT) > 0.5).to(DT)
+        cand = torch.cat([x64.unsqueeze(0), xl + u * (xu - xl), xl + vert * (xu - xl)])
+        rad_inf = (xu - xl) / 2
+        step = rad_inf.max().item() / 4 if rad_inf.max() > 0 else 0.0
+    else:
+        r = ball[1]
+        dirs = torch.randn(2 * samples, n, generator=rng, dtype=DT)
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        rad = torch.cat([torch.rand(samples, 1, generator=rng, dtype=DT) * r, torch.full((samples, 1), r, dtype=DT)])
+        cand = torch.cat([x64.unsqueeze(0), x64 + rad * dirs])
+        step = r / 4
+    pts = project(cand, xl, xu, dtype, ball)
     dev, _ = real_badness(model, pts, target, obj, shape)
     best_i = int(dev.argmax())
     best, best_pt = float(dev[best_i]), pts[best_i].clone()
+    if step <= 0:
+        return best, best_pt
     # PGD from the best samples and random starts
     order = dev.argsort(descending=True)[: restarts // 2]
-    start = torch.cat(
-        [cand[order], xl + torch.rand(restarts - order.numel(), n, generator=rng, dtype=DT) * (xu - xl)]
-    )
-    z = start.clone()
-    step = rad.max().item() / 4 if rad.max() > 0 else 0.0
+    extra = restarts - order.numel()
+    if ball is None:
+        start = torch.cat([cand[order], xl + torch.rand(extra, n, generator=rng, dtype=DT) * (xu - xl)])
+    else:
+        start = torch.cat([cand[order], cand[1 + torch.randint(cand.shape[0] - 1, (extra,), generator=rng)]])
+    z = project(start, xl, xu, DT, ball) if ball is not None else start.clone()
     for it in range(steps):
         beta = 10.0 * (1 + 4 * it / max(steps - 1, 1))
         z = z.detach().requires_grad_(True)
@@ -95,9 +141,13 @@ def attack(
             loss = obj.surrogate_loss(_surrogate_grad(mlp, z, target, beta))
             (grad,) = torch.autograd.grad(loss, z)
         lr = step * (1 - it / steps) + 1e-3 * step
-        z = torch.minimum(torch.maximum(z.detach() + lr * grad.sign(), xl), xu)
+        if ball is None:
+            z = torch.minimum(torch.maximum(z.detach() + lr * grad.sign(), xl), xu)
+        else:
+            gn = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            z = project(z.detach() + lr * gn, xl, xu, DT, ball)
         if it % 6 == 5 or it == steps - 1:
-            pts = project(z, xl, xu, dtype)
+            pts = project(z, xl, xu, dtype, ball)
             dev, _ = real_badness(model, pts, target, obj, shape)
             i = int(dev.argmax())
             if float(dev[i]) > best:

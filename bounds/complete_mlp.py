@@ -1,5 +1,7 @@
 """A ReLU MLP in float64 for branch-and-bound: split-aware pre-activation bounds, gradient boxes,
-exact leaf gradients and leaf feasibility programs (used by ``bounds.complete``).
+exact leaf gradients (used by ``bounds.complete``; leaf programs: ``complete_leaf``).  ReLU CNNs enter
+as dense MLPs (``complete_net``): each hidden layer's weight is the exact float64 matrix of its affine
+ops, and ``ReluMLP.pieces`` keeps the ops torch evaluates separately for the float margins.
 
 Network  z_1 = W_1 x + b_1,  z_k = W_k relu(z_{k-1}) + b_k (k = 2..K),  f = W_{K+1} relu(z_K) + b_{K+1}.
 Its saliency is  g(x) = W_1^T D_1 W_2^T D_2 ... W_K^T D_K w,  w = W_{K+1}[y],  D_k = diag(relu'(z_k)),
@@ -20,26 +22,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linprog
 
-from .gradgraph import Act, Affine, Chain, Reshape
+from .gradgraph import Chain
 
 DT = torch.float64
 _OWN_ROUNDING = 1e-12  # relative slack for our own float64 arithmetic (depth * 2^-53, generously)
 
 
 @dataclass
+class Piece:
+    """One affine op as torch evaluates it: dense float64 ``weight`` (out, in) on flattened vectors,
+    ``bias``, ``bias_mag`` (>= |bias|: the magnitude torch's evaluation rounds, a folded BatchNorm's
+    parts before they cancel), ``fan_in`` (terms per output entry of the forward inner product: in
+    for Linear, C_in kh kw for Conv2d) and ``fan_out`` (terms per entry of the backward W^T v)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    bias_mag: torch.Tensor
+    fan_in: int
+    fan_out: int
+
+
+@dataclass
 class ReluMLP:
     """Weights (float64) of a ReLU MLP; ``widths`` of the K hidden layers; ``offsets`` into the flat
-    unit vector; ``unit_roundoff`` of the model's dtype."""
+    unit vector; ``unit_roundoff`` of the model's dtype; ``pieces``: per layer (K + 1 of them) the
+    affine ops torch evaluates separately whose product is ``weights[k]`` (``complete_net``; None:
+    one Linear per layer)."""
 
     weights: list[torch.Tensor]
     biases: list[torch.Tensor]
     widths: list[int]
     offsets: list[int]
     unit_roundoff: float
+    pieces: list | None = None
 
     @property
     def n(self) -> int:
@@ -53,49 +70,20 @@ class ReluMLP:
         """The slice of a (S, units) tensor that belongs to hidden layer k (0-based)."""
         return s[:, self.offsets[k] : self.offsets[k] + self.widths[k]]
 
+    def layer_pieces(self, k: int) -> list[Piece]:
+        """The ops of layer k (k = K: the output layer) in evaluation order."""
+        if self.pieces is not None:
+            return self.pieces[k]
+        w, b = self.weights[k], self.biases[k]
+        return [Piece(w, b, b.abs(), int(w.shape[1]), int(w.shape[0]))]
+
 
 def relu_mlp_from_chain(chain: Chain, dtype: torch.dtype) -> ReluMLP:
-    """Linear (ReLU Linear)* with flattening reshapes only before the first Linear.
+    """ReLU networks without max-pooling as a dense ``ReluMLP`` (``complete_net.relu_mlp_from_chain``);
+    ``checks.PhaseBranchingUnsupported`` for anything else."""
+    from .complete_net import relu_mlp_from_chain as convert
 
-    Raises ValueError for anything else (convolutions, max-pooling, smooth activations)."""
-    ops = list(chain.ops)
-    while ops and isinstance(ops[0], Reshape):
-        ops.pop(0)
-    if any(isinstance(op, Reshape) for op in ops):
-        raise ValueError("complete_bound supports MLPs only (reshapes allowed before the first Linear)")
-    ws, bs = [], []
-    expect_affine = True
-    for op in ops:
-        if expect_affine:
-            if not (isinstance(op, Affine) and op.kind == "linear"):
-                raise ValueError(
-                    f"complete_bound supports ReLU MLPs (Linear, ReLU alternating) only; found {_name(op)}; "
-                    "use certified_bound for other networks"
-                )
-            ws.append(op.weight.detach().to(DT))
-            b = op.bias.detach().to(DT) if op.bias is not None else torch.zeros(op.weight.shape[0], dtype=DT)
-            bs.append(b)
-        elif not (isinstance(op, Act) and op.name == "relu"):
-            raise ValueError(
-                f"complete_bound branches on ReLU phases; found {_name(op)} (smooth activations and "
-                "max-pooling are not supported: use certified_bound)"
-            )
-        expect_affine = not expect_affine
-    if expect_affine or len(ws) < 2:
-        raise ValueError(
-            "complete_bound needs a ReLU MLP with at least one hidden ReLU layer ending in Linear"
-        )
-    widths = [int(w.shape[0]) for w in ws[:-1]]
-    offsets = [int(v) for v in np.cumsum([0] + widths[:-1])]
-    return ReluMLP(ws, bs, widths, offsets, float(torch.finfo(dtype).eps) / 2)
-
-
-def _name(op) -> str:
-    return (
-        op.name
-        if isinstance(op, Act)
-        else (f"{op.kind} layer" if isinstance(op, Affine) else type(op).__name__)
-    )
+    return convert(chain, dtype)
 
 
 def _gamma(k: int, u: float) -> float:
@@ -105,44 +93,68 @@ def _gamma(k: int, u: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # float margins
 # ----------------------------------------------------------------------------------------------
+def _piece_error(p: Piece, err, lo, hi, u: float):
+    """Forward error through one affine op: (err', lo', hi') with lo', hi' bounding the float value.
+    err' = |W| err + (2 gamma_{fan_in+2} + 1e-6) (|W| |h|max + |b|parts) + 1e-7."""
+    w = p.weight
+    h_abs = torch.maximum(lo.abs(), hi.abs())
+    g = 2 * _gamma(p.fan_in + 2, u) + 1e-6
+    err = w.abs() @ err + g * (w.abs() @ h_abs + p.bias_mag) + 1e-7
+    mid, rad = (hi + lo) / 2, (hi - lo) / 2
+    c, r = w @ mid + p.bias, w.abs() @ rad
+    return err, c - r - err, c + r + err
+
+
 def margins(mlp: ReluMLP, xl: torch.Tensor, xu: torch.Tensor) -> list[torch.Tensor]:
     """Per hidden layer k, m_k >= |float z_k(x') - exact z_k(x')| for every x' in [xl, xu].
 
-    E_1 = 2 gamma_{n+2} (|W_1| |x|max + |b_1|);  E_k = |W_k| E_{k-1} + 2 gamma_{h+2} (|W_k| H_{k-1} + |b_k|)
-    with H_{k-1} >= |relu(z_{k-1})| from interval bounds (relu is 1-Lipschitz and exact in floats).
+    Per affine op p of the layer (``Piece``; a Linear, or a Conv2d with its true fan-in C kh kw):
+    E_p = |W_p| E_{p-1} + 2 gamma_{fan_in+2} (|W_p| H_{p-1} + |b_p|parts), E_0 = 0 (x is exact), with
+    H >= |float value| from interval bounds (widened by E; relu is 1-Lipschitz and exact in floats).
     The factor 2 absorbs second-order terms; + 1e-6 relative covers the rounding of a BatchNorm folded
-    into the weights (about 2^-24 relative per weight) and of its separate float ops; + 1e-7 absolute."""
+    into the weights (about 2^-24 relative per weight), of its separate float ops and of our float64
+    products of consecutive ops' matrices (``complete_net``); + 1e-7 absolute per op (underflow)."""
     u = mlp.unit_roundoff
-    h_abs = torch.maximum(xl.abs(), xu.abs())
     lo, hi = xl, xu
     err = torch.zeros_like(xl)
     out = []
     for k in range(len(mlp.widths)):
-        w, b = mlp.weights[k], mlp.biases[k]
-        mag = w.abs() @ h_abs + b.abs()
-        g = 2 * _gamma(w.shape[1] + 2, u) + 1e-6
-        err = w.abs() @ err + g * mag + 1e-7
+        for p in mlp.layer_pieces(k):
+            err, lo, hi = _piece_error(p, err, lo, hi, u)
         out.append(err)
-        mid, rad = (hi + lo) / 2, (hi - lo) / 2
-        c, r = w @ mid + b, w.abs() @ rad
-        lo, hi = (c - r - err).clamp_min(0), (c + r + err).clamp_min(0)
-        h_abs = hi
+        lo, hi = lo.clamp_min(0), hi.clamp_min(0)
     return out
+
+
+def output_error(mlp: ReluMLP, marg_last: torch.Tensor, h_hi: torch.Tensor) -> torch.Tensor:
+    """Bound on |float logits - exact logits| given the last hidden layer's margin ``marg_last`` and an
+    upper bound ``h_hi`` (>= 0) on relu of its exact pre-activations (the same recursion as ``margins``)."""
+    lo, hi = torch.zeros_like(h_hi), h_hi + marg_last
+    err = marg_last
+    for p in mlp.layer_pieces(len(mlp.widths)):
+        err, lo, hi = _piece_error(p, err, lo, hi, mlp.unit_roundoff)
+    return err
 
 
 def gradient_float_error(mlp: ReluMLP, target: int) -> torch.Tensor:
     """(n,) bound on |float g(x') - exact g_D| for the pattern D torch picks at x':
-    autograd's backward pass W^T (D v) rounds only in the products by W (D is exact 0/1), so
-    F_{k-1} = |W_k|^T F_k + gamma_{h+2} |W_k|^T |v_k| with |v_k| <= |W_{k+1}|^T ... |w|; gamma doubled
-    (second-order terms) + 1e-6 relative slack."""
+    autograd's backward pass v <- W_p^T v (a matmul, or a transposed convolution summing C_out kh kw
+    terms per entry) rounds only in the products by W (D is exact 0/1), so per op
+    F <- |W_p|^T F + gamma_{fan_out+2} |W_p|^T |v| with |v| <= |W|^T ... |e_y|; the first op (applied
+    to the one-hot e_y: one nonzero term per entry) is exact; gamma doubled (second-order terms)
+    + 1e-6 relative slack."""
     u = mlp.unit_roundoff
-    v_abs = mlp.weights[-1][target].abs()
+    v_abs = torch.zeros(mlp.weights[-1].shape[0], dtype=DT)
+    v_abs[target] = 1.0
     err = torch.zeros_like(v_abs)
-    for k in range(len(mlp.widths) - 1, -1, -1):
-        w = mlp.weights[k]
-        g = 2 * _gamma(w.shape[0] + 2, u) + 1e-6
-        err = w.abs().t() @ err + g * (w.abs().t() @ v_abs)
-        v_abs = w.abs().t() @ v_abs
+    first = True
+    for k in range(len(mlp.widths), -1, -1):
+        for p in reversed(mlp.layer_pieces(k)):
+            wa = p.weight.abs().t()
+            g = 0.0 if first else 2 * _gamma(p.fan_out + 2, u) + 1e-6
+            err = wa @ err + g * (wa @ v_abs)
+            first = False
+            v_abs = wa @ v_abs
     return err + 1e-12
 
 
@@ -162,9 +174,17 @@ def _relax(lo: torch.Tensor, hi: torch.Tensor):
     return su, iu, sl
 
 
-def _crown_upper(mlp, lam, bias, lows, highs, k_from, xl, xu, cons=None, iters: int = 0):
+def ball_upper(lam: torch.Tensor, ball) -> torch.Tensor:
+    """max of lam x over the l2 ball ``ball`` = (x0, r):  lam x0 + r ||lam||_2 (Cauchy-Schwarz)."""
+    x0, r = ball
+    return lam @ x0 + r * lam.norm(dim=-1)
+
+
+def _crown_upper(mlp, lam, bias, lows, highs, k_from, xl, xu, cons=None, iters: int = 0, ball=None):
     """Upper bound of lam h_{k_from} + bias (lam: (S, R, h)), h_j = relu(z_j), back to the input box
-    (and, with ``cons``, improved by the layer-1 split constraints: ``_split_dual``)."""
+    (and, with ``cons``, improved by the layer-1 split constraints: ``_split_dual``).  With ``ball`` =
+    (x0, r) the region is ball ∩ box: max over it of lam x is at most both the box maximum and the ball
+    maximum (``ball_upper``), so the smaller of the two is a valid bound."""
     for j in range(k_from, -1, -1):
         su, iu, sl = _relax(lows[j], highs[j])
         pos, neg = lam.clamp_min(0), lam.clamp_max(0)
@@ -174,6 +194,8 @@ def _crown_upper(mlp, lam, bias, lows, highs, k_from, xl, xu, cons=None, iters: 
         lam = lam @ mlp.weights[j]
     mid, rad = (xu + xl) / 2, (xu - xl) / 2
     out = bias + lam @ mid + lam.abs() @ rad
+    if ball is not None:
+        out = torch.minimum(out, bias + ball_upper(lam, ball))
     if cons is not None and iters > 0:
         out = torch.minimum(out, _split_dual(lam, bias, cons, mid, rad, iters))
     return out
@@ -221,14 +243,20 @@ def _clamp(lo, hi, s, m):
     return lo, hi
 
 
-def preact_bounds(mlp: ReluMLP, splits: torch.Tensor, xl, xu, marg, beta_iters: int = 0):
+def preact_bounds(
+    mlp: ReluMLP, splits: torch.Tensor, xl, xu, marg, beta_iters: int = 0, ball=None, prior=None
+):
     """Bounds l_k <= exact z_k <= u_k on each subdomain (S, units) -> lists of (S, h_k), and a (S,)
     mask of subdomains proven empty (some l_i > u_i after the split clamps).
 
-    Layer 1: the exact range over the box (one affine map).  Layer k >= 2: CROWN (linear bounds back to
+    Layer 1: the exact range over the box (one affine map); with ``ball`` = (x0, r) (l2) intersected
+    with the range over the ball, w x0 + b +- r ||w||_2.  Layer k >= 2: CROWN (linear bounds back to
     the input through the relaxations of relu on the already clamped [l, u]) intersected with interval
     propagation; with ``beta_iters`` > 0 the CROWN bounds also use the layer-1 splits as constraints on
-    x (``_split_dual``).  Split clamps (see module doc): active -> l >= -m, inactive -> u <= m."""
+    x (``_split_dual``).  Split clamps (see module doc): active -> l >= -m, inactive -> u <= m.
+    ``prior``: bounds (lows, highs) valid on a superset (the root): intersected.  CROWN runs only for
+    the units whose phase the interval bounds leave open in some subdomain of the batch (the others'
+    relaxations are exact whatever their bounds)."""
     S = splits.shape[0]
     lows, highs = [], []
     empty = torch.zeros(S, dtype=torch.bool)
@@ -238,16 +266,28 @@ def preact_bounds(mlp: ReluMLP, splits: torch.Tensor, xl, xu, marg, beta_iters: 
         w, b = mlp.weights[k], mlp.biases[k]
         if k == 0:
             c, r = w @ mid + b, w.abs() @ rad
-            lo, hi = (c - r).expand(S, -1).clone(), (c + r).expand(S, -1).clone()
+            lo, hi = c - r, c + r
+            if ball is not None:
+                c2, r2 = w @ ball[0] + b, ball[1] * w.norm(dim=1)
+                lo, hi = torch.maximum(lo, c2 - r2), torch.minimum(hi, c2 + r2)
+            if prior is not None:
+                lo, hi = torch.maximum(lo, prior[0][0]), torch.minimum(hi, prior[1][0])
+            lo, hi = lo.expand(S, -1).clone(), hi.expand(S, -1).clone()
         else:
             pl, ph = lows[-1].clamp_min(0), highs[-1].clamp_min(0)
             c, r = (pl + ph) / 2 @ w.t() + b, (ph - pl) / 2 @ w.abs().t()
             lo, hi = c - r, c + r
-            lam = torch.cat([w, -w]).unsqueeze(0).expand(S, -1, -1)
-            bias = torch.cat([b, -b]).unsqueeze(0).expand(S, -1)
-            cu = _crown_upper(mlp, lam, bias, lows, highs, k - 1, xl, xu, cons, beta_iters)
-            h = w.shape[0]
-            hi, lo = torch.minimum(hi, cu[:, :h]), torch.maximum(lo, -cu[:, h:])
+            if prior is not None:
+                lo, hi = torch.maximum(lo, prior[0][k]), torch.minimum(hi, prior[1][k])
+            idx = torch.nonzero(((lo <= marg[k]) & (hi >= -marg[k])).any(dim=0)).flatten()
+            if idx.numel():
+                wi, bi = w[idx], b[idx]
+                lam = torch.cat([wi, -wi]).unsqueeze(0).expand(S, -1, -1)
+                bias = torch.cat([bi, -bi]).unsqueeze(0).expand(S, -1)
+                cu = _crown_upper(mlp, lam, bias, lows, highs, k - 1, xl, xu, cons, beta_iters, ball)
+                h = idx.numel()
+                hi[:, idx] = torch.minimum(hi[:, idx], cu[:, :h])
+                lo[:, idx] = torch.maximum(lo[:, idx], -cu[:, h:])
         # our own float64 rounding: widen outward (relative to the magnitudes involved)
         slack = _OWN_ROUNDING * (lo.abs() + hi.abs() + 1.0)
         lo, hi = lo - slack, hi + slack
@@ -326,12 +366,14 @@ def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: lis
     rounding here (about depth * h * 2^-53 relative to |W_1|^T ... |w|) is far below the 1e-6 relative
     slack of ``gradient_float_error``, which every caller adds (euclidean: at the end; cosine: to the box)."""
     S, n = ph.shape[0], mlp.n
-    eye = torch.eye(n, dtype=DT)
-    lam = torch.cat([eye, -eye]) @ mlp.weights[0].t()  # (2n, h_1): coefficients on p_1
-    lam = lam.unsqueeze(0).expand(S, -1, -1)
+    # work on the units whose d can be 1 in some subdomain of the batch only (an always-inactive unit
+    # has d = 0: p_k = 0 there, its coefficients vanish)
+    cols = [torch.nonzero((mlp.layer(ph, k) >= 0).any(dim=0)).flatten() for k in range(len(mlp.widths))]
+    w1t = mlp.weights[0][cols[0]].t()
+    lam = torch.cat([w1t, -w1t]).unsqueeze(0).expand(S, -1, -1)  # (S, 2n, |cols_1|): coefficients on p_1
     total = torch.zeros(S, 2 * n, dtype=DT)
     for k in range(len(mlp.widths)):
-        p = mlp.layer(ph, k)
+        p = mlp.layer(ph, k)[:, cols[k]]
         # a fixed phase makes d * v exactly linear in v (coefficient d); planes only for the units free
         # in some subdomain of the batch (on fixed ones the mixed planes are exact too: alpha d + d v -
         # d alpha = d v)
@@ -340,7 +382,7 @@ def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: lis
         if idx.numel():
             pu = p[:, idx]
             dl, du = (pu > 0).to(DT).unsqueeze(1), (pu >= 0).to(DT).unsqueeze(1)
-            vl, vu = (t[:, idx].unsqueeze(1) for t in record[k])
+            vl, vu = (t[:, cols[k][idx]].unsqueeze(1) for t in record[k])
             au, bu, cu = _product_planes(dl, du, vl, vu, True)
             al, bl, cl = _product_planes(dl, du, vl, vu, False)
             lu = lam[:, :, idx]
@@ -351,9 +393,9 @@ def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: lis
             )
             coef_v[:, :, idx] = pos * bu + neg * bl
         if k + 1 < len(mlp.widths):
-            lam = coef_v @ mlp.weights[k + 1].t()
+            lam = coef_v @ mlp.weights[k + 1][cols[k + 1]][:, cols[k]].t()
         else:
-            total = total + coef_v @ mlp.weights[-1][target]
+            total = total + coef_v @ mlp.weights[-1][target][cols[k]]
     return -total[:, n:], total[:, :n]
 
 
@@ -385,81 +427,8 @@ def branch_scores(mlp: ReluMLP, ph, lows, highs, record, layer_first: bool = Fal
     return torch.cat(scores, dim=1)
 
 
-# ----------------------------------------------------------------------------------------------
-# leaf feasibility (one LP per leaf)
-# ----------------------------------------------------------------------------------------------
-def leaf_program(mlp: ReluMLP, ph: torch.Tensor, splits: torch.Tensor, xl, xu, marg):
-    """Feasibility of a fully fixed pattern: max t s.t. s_i (a_i x + c_i) >= t ||a_i||_1 for the split
-    units, x in the box (t <= 1).  On the leaf every z_k is affine in x:  a_i x + c_i from the pattern.
-    On an inner subdomain only the splits of the layers whose earlier layers are all fixed enter (their
-    pre-activations are affine in x there); "empty" is then still a proof (necessary conditions).
+def leaf_program(mlp: ReluMLP, ph, splits, xl, xu, marg, ball=None):
+    """See ``complete_leaf.leaf_program`` (kept here for callers of the old location)."""
+    from .complete_leaf import leaf_program as solve
 
-    Returns (status, x*, t*): "feasible" (t* > 0: x* lies at l_inf distance >= t* inside every split
-    half-space), "empty" (the margin-widened program max t s.t. s_i (a_i x + c_i) + M_i >= t ||a_i||_1
-    has optimum < -1e-6, HiGHS's tolerance being 1e-7: no x satisfies s_i (a_i x + c_i) >= -M_i, with
-    M_i = m_i + |W| (the pattern-vs-exact relu discrepancy of the earlier layers, at most their
-    margins)), or "unsure" (kept: its value stays in the upper bound)."""
-    a = mlp.weights[0]
-    c = mlp.biases[0]
-    disc = torch.zeros(mlp.widths[0], dtype=DT)
-    a_rows, c_rows, m_rows, s_rows = [], [], [], []
-    for k in range(len(mlp.widths)):
-        if k > 0:
-            d = (mlp.layer(ph.unsqueeze(0), k - 1)[0] > 0).to(DT)
-            w = mlp.weights[k]
-            a = w @ (d.unsqueeze(1) * a)
-            c = w @ (d * c) + mlp.biases[k]
-            disc = w.abs() @ (disc + marg[k - 1])
-        if k > 0 and bool((mlp.layer(ph.unsqueeze(0), k - 1)[0] == 0).any()):
-            break  # an earlier layer is not fixed: deeper pre-activations are not affine in x
-        sk = mlp.layer(splits.unsqueeze(0), k)[0]
-        sel = sk != 0
-        a_rows.append(a[sel])
-        c_rows.append(c[sel])
-        m_rows.append(marg[k][sel] + disc[sel])
-        s_rows.append(sk[sel].to(DT))
-    a_all, c_all, m_all, s_all = (torch.cat(v) for v in (a_rows, c_rows, m_rows, s_rows))
-    norm1 = a_all.abs().sum(dim=1)
-    flat = norm1 <= 1e-300
-    if flat.any():  # constant rows: decided by the sign of c alone
-        sc = s_all[flat] * c_all[flat]
-        if (sc < -m_all[flat]).any():
-            return "empty", None, -np.inf
-        if (sc <= 0).any():
-            return "unsure", None, 0.0
-    keep = ~flat
-    a_all, c_all, m_all, s_all, norm1 = a_all[keep], c_all[keep], m_all[keep], s_all[keep], norm1[keep]
-    rows_t = torch.cat(
-        [-(s_all / norm1).unsqueeze(1) * a_all, torch.ones(a_all.shape[0], 1, dtype=DT)], dim=1
-    )
-    rows = rows_t.numpy()
-    rhs = (s_all * c_all / norm1).numpy()
-    thr = (m_all / norm1).tolist()
-    n = mlp.n
-    bounds = list(zip(xl.tolist(), xu.tolist())) + [(-1e3, 1.0)]
-    cost = np.zeros(n + 1)
-    cost[-1] = -1.0
-
-    def solve(b_ub):
-        return linprog(
-            cost,
-            A_ub=rows if rows.shape[0] else None,
-            b_ub=b_ub if rows.shape[0] else None,
-            bounds=bounds,
-            method="highs",
-        )
-
-    res = solve(rhs)
-    if res.status == 2:  # infeasible: only possible with the box itself empty
-        return "empty", None, -np.inf
-    if res.status != 0:
-        return "unsure", None, 0.0
-    t = float(-res.fun)
-    xs = np.asarray(res.x[:n], dtype=np.float64)
-    if t > 0:
-        return "feasible", xs, t
-    # the margin-widened program: s_i (a_i x + c_i) + M_i >= t ||a_i||_1
-    res2 = solve(rhs + np.asarray(thr))
-    if res2.status == 0 and float(-res2.fun) < -1e-6:
-        return "empty", None, t
-    return "unsure", xs, t
+    return solve(mlp, ph, splits, xl, xu, marg, ball)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import pathlib
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from bounds import complete_bound
 from bounds.attribution import logit_gradient
+from bounds.checks import PhaseBranchingUnsupported
 
 _ORACLE_PATH = pathlib.Path(__file__).with_name("exact_oracle.py")
 
@@ -166,21 +168,25 @@ def test_bad_input():
         complete_bound(net, x, 0.1, tol=-0.01)
     with pytest.raises(ValueError, match="objective"):
         complete_bound(net, x, 0.1, objective="kendall")
-    with pytest.raises(ValueError, match="saliency"):
-        complete_bound(net, x, 0.1, attribution="ig")
     with pytest.raises(ValueError, match="norm"):
-        complete_bound(net, x, 0.1, norm=2)
+        complete_bound(net, x, 0.1, norm=3)
     with pytest.raises(ValueError, match="eps"):
         complete_bound(net, x, -0.1)
+    # the phase mode's limits are PhaseBranchingUnsupported (a ValueError: "auto" falls back on it)
+    phases = {"branching": "phases"} if "branching" in inspect.signature(complete_bound).parameters else {}
+    with pytest.raises(PhaseBranchingUnsupported, match="saliency"):
+        complete_bound(net, x, 0.1, attribution="ig", **phases)
     smooth = nn.Sequential(nn.Linear(4, 8), nn.Softplus(), nn.Linear(8, 3)).eval()
-    with pytest.raises(ValueError, match="softplus"):
-        complete_bound(smooth, x, 0.1)
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).eval()
-    with pytest.raises(ValueError, match="MLP"):
-        complete_bound(cnn, torch.rand(1, 1, 4, 3), 0.1)
+    with pytest.raises(PhaseBranchingUnsupported, match="softplus"):
+        complete_bound(smooth, x, 0.1, **phases)
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 3)
+    ).eval()
+    with pytest.raises(PhaseBranchingUnsupported, match="max-pooling"):
+        complete_bound(pooled, torch.rand(1, 1, 4, 4), 0.1, **phases)
     linear = nn.Sequential(nn.Linear(4, 3)).eval()
-    with pytest.raises(ValueError, match="ReLU"):
-        complete_bound(linear, x, 0.1)
+    with pytest.raises(PhaseBranchingUnsupported, match="ReLU"):
+        complete_bound(linear, x, 0.1, **phases)
     with pytest.raises(ValueError, match="target"):
         complete_bound(net, x, 0.1, target=5)
     with pytest.raises(ValueError, match="gradient_bound"):
