@@ -97,7 +97,7 @@ def _bad(old: str, new: str, match: str):
     ('attributions = ["saliency", "ig"]', 'attributions = ["smoothgrad"]', r"bounds support only"),
     ('name = "ifia"', 'name = "fgsm"', r"attacks\[0\]\.name: unknown attack 'fgsm'"),
     ('kind = "practical"', 'kind = "exact"', r"bounds\[0\]\.kind: unknown bound 'exact'"),
-    ('method = "ibp"', 'method = "alpha-crown"', r"bounds\[1\]\.params\.method must be one of crown, ibp"),
+    ('method = "ibp"', 'method = "beta-crown"', r"bounds\[1\]\.params\.method must be one of crown, ibp, alpha-crown"),
     ("steps = 3, step_size = 0.01", "steps = 2.5, step_size = 0.01", r"attacks\[0\]\.params\.steps must be an integer"),
     ("step_size = 0.01", "step_size = -0.01", r"attacks\[0\]\.params\.step_size must be a number > 0"),
     ("restarts = 2", "restarts = 0", r"attacks\[0\]\.restarts must be > 0"),

@@ -198,10 +198,23 @@ def test_certify_complete_rows_carry_lower_upper_gap(tiny_ckpt, tmp_path, capsys
 
 
 @pytest.mark.parametrize("flags, message", [(["--budget", "0"], "--budget"), (["--tol", "-1"], "--tol"),
-                                             (["--norm", "2"], "norm='inf' only")])
+                                             (["--branching", "phases", "--attribution", "ig"], "phase branching")])
 def test_certify_complete_bad_input(tiny_ckpt, tmp_path, capsys, flags, message):
     out = tmp_path / "bad.tsv"
     rc = main(["certify", str(tiny_ckpt), "--n", "1", "--bound", "complete", "--eps", "0.01", "--out", str(out),
                "--no-progress", *flags])
     assert rc != 0
     assert message in capsys.readouterr().err
+
+
+def test_certify_alpha_crown_is_at_least_as_tight_as_crown(tiny_ckpt, tmp_path):
+    """``--method alpha-crown`` reaches certified_bound's optimised bound (never looser than CROWN here)."""
+    rows = {}
+    for method in ("crown", "alpha-crown"):
+        out = tmp_path / f"{method}.tsv"
+        rc = main(["certify", str(tiny_ckpt), "--n", "4", "--bound", "certified", "--method", method,
+                   "--alpha-iters", "3", "--norm", "inf", "--eps", "0.02", "--out", str(out), "--no-progress"])
+        assert rc == 0
+        _, header, body = _read(out)
+        rows[method] = [float(r[header.index("euclidean")]) for r in body]
+    assert all(a <= c * (1 + 1e-9) for a, c in zip(rows["alpha-crown"], rows["crown"]))

@@ -80,7 +80,7 @@ BOUND_FUNCS = {
     "practical": ("bounds", "practical_bound"),
     "certified": ("bounds", "certified_bound"),
     "smoothed": ("bounds", "smoothed_certificate"),
-    "complete": ("bounds", "complete_bound"),  # branch and bound on ReLU phases (ReLU MLPs; issue 10)
+    "complete": ("bounds", "complete_bound"),  # branch and bound on ReLU phases or input boxes (issue 10)
 }
 
 # Known parameters: key -> (type, check, description of the check).  Keys outside these tables are
@@ -110,10 +110,11 @@ ATTACK_PARAMS: dict[str, dict[str, tuple]] = {
 }
 BOUND_PARAMS: dict[str, dict[str, tuple]] = {
     "practical": {"surrogate_beta": _POS_FLOAT},
-    "certified": {"method": _choice("crown", "ibp")},
+    "certified": {"method": _choice("crown", "ibp", "alpha-crown"), "alpha_iters": _POS_INT},
     "smoothed": {"radius": _POS_FLOAT, "n_samples": _POS_INT,
                  "alpha": (float, lambda v: 0 < v < 1, "a number in (0, 1)")},
-    "complete": {"budget_s": _POS_FLOAT, "tol": _POS_FLOAT, "objective": _choice("euclidean", "cosine")},
+    "complete": {"budget_s": _POS_FLOAT, "tol": _POS_FLOAT, "objective": _choice("euclidean", "cosine"),
+                 "branching": _choice("auto", "phases", "input"), "ig_steps": _POS_INT},
 }
 # arguments the runner sets itself: never allowed in params
 RESERVED = frozenset({"model", "x", "y", "eps", "norm", "attribution", "target", "restarts", "seed", "domain"})

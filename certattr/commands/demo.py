@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS, help=hidden)
     p.add_argument("--steps", type=int, default=30, help=hidden)
     p.add_argument("--restarts", type=int, default=2, help=hidden)
-    p.add_argument("--bound-method", default="crown", choices=["crown", "ibp"], help=hidden)
+    p.add_argument("--bound-method", default="crown", choices=["crown", "ibp", "alpha-crown"], help=hidden)
     p.add_argument("--smoothed-samples", type=int, default=512, help=hidden)
     p.add_argument("--smoothed-eval-samples", type=int, default=1024, help=hidden)
     p.add_argument("--smoothed-steps", type=int, default=10, help=hidden)
