@@ -233,9 +233,11 @@ def _same_tensor(a, b) -> bool:
 
 
 def _build_custom_ops() -> dict:
+    import numpy as np
     import torch.nn.functional as F
     from auto_LiRPA.operators.base import Bound
 
+    from .product_backward import default_mix, mccormick_planes, product_backward
     from .windowed_conv import conv2d_rows
 
     class BoundConvAdjoint(Bound):
@@ -320,7 +322,9 @@ def _build_custom_ops() -> dict:
         it is l_a = 0 and an unstable ReLU degrades to interval arithmetic).  ``MIX = False`` restores
         BoundMul's L1/U1.  alpha-CROWN (``bounds.alpha_crown``) replaces lam, mu by optimised weights
         in [0, 1] (per element, per spec row), still convex combinations of valid planes.  The backward
-        pass writes them as A a_p + min(A, 0) (a_n - a_p)."""
+        pass (``product_backward``) writes them as A a_p + min(A, 0) (a_n - a_p); where the factor is
+        a point (l_a = u_a: a stable ReLU) it uses the exact a b = l_a b, works on the other columns
+        only, and concretises the coefficients of a box input a in place (the same value)."""
 
         MIX = True
 
@@ -332,25 +336,12 @@ def _build_custom_ops() -> dict:
         @staticmethod
         def mix_weights(y):
             """The default mixing weights lam = clip(u_b / (u_b - l_b)), mu = clip(-l_b / (u_b - l_b))."""
-            yl, yu = y.lower, y.upper
-            width = yu - yl
-            safe = torch.where(width > 0, width, torch.ones_like(width))
-            lam = torch.where(width > 0, (yu / safe).clamp(0, 1), torch.ones_like(width))
-            mu = torch.where(width > 0, (-yl / safe).clamp(0, 1), torch.ones_like(width))
-            return lam, mu
+            return default_mix(y.lower, y.upper)
 
         def _planes(self, x, y, mix=None):
-            xl, xu, yl, yu = x.lower, x.upper, y.lower, y.upper
-            lower = (yl, xl, -xl * yl)  # (coefficient on a, on b, constant) of L1
-            upper = (yu, xl, -xl * yu)  # U1
-            if not type(self).MIX:
-                return lower, upper
-            lam, mu = self.mix_weights(y) if mix is None else mix
-            l2 = (yu, xu, -xu * yu)
-            u2 = (yl, xu, -xu * yl)
-            lower = tuple(lam * p1 + (1 - lam) * p2 for p1, p2 in zip(lower, l2))
-            upper = tuple(mu * p1 + (1 - mu) * p2 for p1, p2 in zip(upper, u2))
-            return lower, upper
+            """(lower, upper) planes (coefficient on a, on b, constant) on the box of x, y; exact
+            (0, l_a, 0) where the factor is a point (``product_backward.mccormick_planes``)."""
+            return mccormick_planes(x.lower, x.upper, y.lower, y.upper, mix, type(self).MIX)
 
         def _optimized_mix(self, a, y):
             """(lam, mu) from ``self.certattr_opt`` (set by ``bounds.alpha_crown``) or None: the optimisable
@@ -376,30 +367,20 @@ def _build_custom_ops() -> dict:
         def bound_backward(self, last_lA, last_uA, x, y):
             if not all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA)):
                 return super().bound_backward(last_lA, last_uA, x, y)
-            batch = x.lower.shape[0]
             mix = self._optimized_mix(last_lA if last_lA is not None else last_uA, y)
-            lower_plane, upper_plane = self._planes(x, y, mix)
+            bounds = (x.lower, x.upper, y.lower, y.upper)
+            return product_backward(last_lA, last_uA, bounds, mix, type(self).MIX, self._box_input_factor(x))
 
-            def bias_of(a, c, s):
-                if c.dim() == a.dim():  # per-spec planes
-                    return (a * c).reshape(s, batch, -1).sum(dim=2)
-                return torch.einsum("sbn,bn->sb", a.reshape(s, batch, -1), c.reshape(batch, -1))
-
-            def side(a, lower: bool):
-                if a is None:
-                    return None, None, 0
-                # the plane used where A >= 0 (p) and where A < 0 (n)
-                p, q = (lower_plane, upper_plane) if lower else (upper_plane, lower_plane)
-                neg = a.clamp(max=0)
-                a_x = a * p[0] + neg * (q[0] - p[0])
-                a_y = a * p[1] + neg * (q[1] - p[1])
-                s = a.shape[0]
-                bias = bias_of(a, p[2], s) + bias_of(neg, q[2] - p[2], s)
-                return a_x, a_y, bias
-
-            lx, ly, lbias = side(last_lA, True)
-            ux, uy, ubias = side(last_uA, False)
-            return [(lx, ux), (ly, uy)], lbias, ubias
+        def _box_input_factor(self, x) -> bool:
+            """x is an input with a box (norm inf) perturbation used by this node only: its coefficients
+            can be concretised here, with the same result as at the input (``product_backward``)."""
+            ptb = getattr(x, "perturbation", None)
+            return (
+                type(x).__name__ == "BoundInput"
+                and ptb is not None
+                and getattr(ptb, "norm", None) == np.inf
+                and list(getattr(x, "output_name", [])) == [self.name]
+            )
 
     return {"certattr::ConvAdjoint": BoundConvAdjoint, "certattr::Product": BoundProduct}
 
