@@ -289,6 +289,7 @@ def _run(bm, args, c_rows, inter, iters, lr, lower, products, acts, first):
         )
         val = lb if lower else ub
         cur = val.detach()
+        cur = torch.where(torch.isnan(cur), best, cur)  # a NaN iterate (inf - inf planes) bounds nothing
         best = torch.maximum(best, cur) if lower else torch.minimum(best, cur)
         if it == iters:
             break

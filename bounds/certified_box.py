@@ -65,6 +65,13 @@ def caller_radius(eps: float, norm: str, x: torch.Tensor, model_dtype: torch.dty
 _ball_box = region  # ``bound_box`` has a keyword named ``region``
 
 
+def _no_nan(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds with NaN (inf - inf or 0 * inf inside auto_LiRPA on huge regions) read as "no
+    information" (-inf / +inf), so that intersecting them with the interval bounds keeps those."""
+    return (torch.where(torch.isnan(lo), torch.full_like(lo, -float("inf")), lo),
+            torch.where(torch.isnan(hi), torch.full_like(hi, float("inf")), hi))
+
+
 def _others(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(rows, classes) -> (rows, classes - 1): the columns j != target (ascending j, as margin_spec)."""
     keep = torch.ones_like(t, dtype=torch.bool)
@@ -135,6 +142,7 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
             details["alpha_forward_error"] = str(exc)[:500]
             cb, margins = crown.crown_forward(chain, center, sbox, eps_rows, norm, tr, group, fwd_chunk)
         for i, (clo, chi) in cb.items():
+            clo, chi = _no_nan(clo, chi)
             bounds[i] = (torch.maximum(bounds[i][0], clo), torch.minimum(bounds[i][1], chi))
         details["preactivation"] = "crown+ibp"
     except RuntimeError as exc:
@@ -172,6 +180,7 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
                 details["alpha_gradient_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 crown_args["optimize"] = 0
                 clo, chi = crown.crown_gradient(**crown_args)
+            clo, chi = _no_nan(clo, chi)
             if state is not None:
                 state["crown_args"] = crown_args
             details["gradient"] = f"{method}+interval"

@@ -29,6 +29,23 @@ def ball_radii(eps: float, n: int, dtype) -> tuple[float, float]:
     return eps * (1 - max(1e-4, g)), eps * (1 + g)
 
 
+def witness_box(x64: torch.Tensor, eps: float, xl: torch.Tensor, xu: torch.Tensor):
+    """The l_inf box [xl, xu] for witnesses: where fl64(x -+ eps) rounded outwards (the exact error of
+    the subtraction, by TwoSum (Knuth), has that sign) the end point moves one ulp inwards, so that a
+    float64 check |x' - x| <= eps accepts every point of the box (the bounds keep [xl, xu])."""
+
+    def two_sum(a: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s = a + b
+        bb = s - a
+        return s, (a - (s - bb)) + (b - bb)  # a + b = s + err exactly
+
+    lo, e_lo = two_sum(x64, -eps)
+    hi, e_hi = two_sum(x64, eps)
+    lo = torch.where(e_lo > 0, torch.nextafter(lo, x64), lo)
+    hi = torch.where(e_hi < 0, torch.nextafter(hi, x64), hi)
+    return torch.maximum(xl, lo), torch.minimum(xu, hi)
+
+
 def project(points: np.ndarray | torch.Tensor, xl64: torch.Tensor, xu64: torch.Tensor, dtype,
             ball=None) -> torch.Tensor:
     """Round points (P, n) to ``dtype`` inside the region as checked in float64.

@@ -80,7 +80,10 @@ class Deviation:
         with torch.enable_grad():
             a = self.attr(q, self.grad_models[which], create_graph=True).to(DT)
             loss = self.obj.surrogate_loss(a)
-            (g,) = torch.autograd.grad(loss, q)
+            # an attribution that does not depend on x' (saliency of an affine net): no ascent direction
+            g = torch.autograd.grad(loss, q, allow_unused=True)[0] if loss.requires_grad else None
+        if g is None:
+            return torch.zeros(pts.shape[0], q[0].numel(), dtype=DT)
         return torch.nan_to_num(g.detach().reshape(pts.shape[0], -1).to(DT))
 
 

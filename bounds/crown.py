@@ -215,6 +215,10 @@ def crown_gradient(
     only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN.
     ``optimize`` > 0: alpha-CROWN, that many projected Adam steps on the relaxations for this spec
     (``alpha_crown.optimize_bounds``; lower and upper bounds optimised separately, best iterate kept)."""
+    if not times_input and not any(isinstance(op, (Act, MaxPool)) for op in chain.ops):
+        # an affine net's gradient is a constant: auto_LiRPA 0.3 broadcasts it over (rows x rows) (slow,
+        # wrong shape); the callers' interval box is exact there
+        raise RuntimeError("the gradient of an affine network does not depend on x: no CROWN pass")
     al = import_auto_lirpa()
     identity = norm == "2"
 
@@ -265,6 +269,11 @@ def crown_gradient(
                     x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None
                 )
         shape = (-1, *chain.in_shape) if spec is None else (-1, spec.shape[1])
+        rows = sl.stop - sl.start
+        if lb.numel() != rows * int(np.prod(shape[1:])) or ub.numel() != lb.numel():
+            # auto_LiRPA 0.3 broadcasts a gradient that does not depend on x (an affine net) over
+            # (rows x rows): refuse it (the callers fall back to the interval box, exact there)
+            raise RuntimeError(f"auto_LiRPA returned gradient bounds of shape {tuple(lb.shape)} for {rows} rows")
         lows.append(lb.detach().reshape(shape))
         highs.append(ub.detach().reshape(shape))
     return torch.cat(lows), torch.cat(highs)
