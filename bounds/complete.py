@@ -75,6 +75,7 @@ import torch
 from torch import nn
 
 from .attribution import logit_gradient
+from .certified_box import caller_radius
 from .checks import (
     PhaseBranchingUnsupported,
     check_attribution,
@@ -84,7 +85,7 @@ from .checks import (
     check_x,
     resolve_target,
 )
-from .complete_attack import attack, ball_radii, project, real_badness
+from .complete_attack import attack, ball_radii, project, real_badness, witness_box
 from .complete_leaf import leaf_program
 from .complete_mlp import (
     DT,
@@ -323,14 +324,19 @@ def _one_sample(
     shape, dtype = tuple(x.shape), x.dtype
     x64 = x.reshape(-1).to(DT)
     ball = leaf_ball = wit_ball = None
-    if norm == "2":  # bounds over the ball of radius eps_out (every point a float check accepts)
+    # bounds over the radius of every point a float caller accepts (certified_box.caller_radius: the
+    # float norm check and the float projection clamp); witnesses stay in the true ball
+    wide = caller_radius(eps, norm, x64.view(1, -1), dtype)
+    if norm == "2":
         eps_in, eps_out = ball_radii(eps, x64.numel(), dtype)
+        eps_out = max(eps_out, wide)
         ball, wit_ball, leaf_ball = (x64, eps_out), (x64, eps_in), (x64, eps_in, eps_out)
-        eps = eps_out
-    xl, xu = x64 - eps, x64 + eps
+        wide = eps_out
+    xl, xu = x64 - wide, x64 + wide
     if dom is not None:
         xl, xu = xl.clamp_min(dom[0]), xu.clamp_max(dom[1])
         xl, xu = torch.minimum(xl, x64), torch.maximum(xu, x64)
+    wl, wu = witness_box(x64, eps, xl, xu) if norm == "inf" else (xl, xu)
     g0 = g0_t.reshape(-1).to(DT)
     marg = margins(mlp, xl, xu)
     obj = Objective(objective, g0, gradient_float_error(mlp, target))
@@ -344,7 +350,7 @@ def _one_sample(
         val = float(real_badness(model, pt.unsqueeze(0), target, obj, shape)[0][0])
         lower, upper = obj.report(val, val - widen)
         return _pack(lower, upper, pt, 0, 0, "gap closed", label, {})
-    best, best_pt = attack(model, mlp, x64, xl, xu, target, obj, shape, dtype, rng, ball=wit_ball)
+    best, best_pt = attack(model, mlp, x64, wl, wu, target, obj, shape, dtype, rng, ball=wit_ball)
     t_attack = time.perf_counter() - t_start
 
     state = {"best": best, "pt": best_pt, "kept": -float("inf"), "lp": 0, "subs": 0, "lp_time": 0.0}
@@ -431,12 +437,12 @@ def _one_sample(
     def _witness(xs, v):
         """Score the LP point on the real net; if torch's pattern there is not the leaf's (a thin region,
         float rounding), also try points jittered by 1e-7 .. 1e-3 around it."""
-        pts = project(xs.unsqueeze(0), xl, xu, dtype, wit_ball)
+        pts = project(xs.unsqueeze(0), wl, wu, dtype, wit_ball)
         dev, _ = real_badness(model, pts, target, obj, shape)
         if float(dev[0]) < v - 2 * widen - 1e-3 * abs(v):
             scale = torch.logspace(-7, -3, 64, dtype=DT).unsqueeze(1)
             noise = (torch.rand(64, xs.numel(), generator=rng, dtype=DT) * 2 - 1) * scale
-            pts = project(xs.unsqueeze(0) + noise, xl, xu, dtype, wit_ball)
+            pts = project(xs.unsqueeze(0) + noise, wl, wu, dtype, wit_ball)
             dev, _ = real_badness(model, pts, target, obj, shape)
         i = int(dev.argmax())
         if float(dev[i]) > state["best"]:
