@@ -118,7 +118,9 @@ class CertifiedResult(BoundResult):
         else:
             in_region = certainly_in_topk(m_lo, m_hi, k)
         sure = in_region & certainly_in_topk(m_x, m_x, k)
-        return sure.sum(dim=1).to(m_hi.dtype) / k
+        # count / k rounded down into the map's dtype: below the true overlap, and below any correctly
+        # rounded evaluation of it in that dtype or wider (rounding is monotone)
+        return round_down(sure.sum(dim=1).to(torch.float64) / k, m_hi.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

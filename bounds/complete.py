@@ -44,8 +44,10 @@ No solver tolerance enters an "empty" decision: the solver only proposes the dua
 ``complete_leaf.farkas_verified`` checks them (module docstring there).  "gap closed": gap <= max(tol * upper, 2 ||err||_2) (a gap of the
 size of the float widening cannot be closed by branching: e.g. a ball with one activation pattern has
 lower = 0 and upper = ||err||_2).  "exhausted": nothing left to
-branch (the gap is then at most the float widening, or a leaf whose LP point did not realise its
-pattern in float).  "budget": out of time; "memory": the open list hit ``max_memory_mb``.
+branch: every open subdomain is a leaf whose value is kept in ``upper`` because no point realising
+its pattern in float was found and its emptiness could not be proven (feasible only within the float
+margins, "unsure" Farkas check); the gap can then exceed the float widening (e.g. x at a domain corner
+with every first-layer unit at z = 0).  "budget": out of time; "memory": the open list hit ``max_memory_mb``.
 
 Objective "cosine" (``complete_objective``): the same search on the badness -cos(g(x), g(x')); then
 ``lower`` is a certified lower bound on min cos over the ball, ``upper`` the cosine reached at the
