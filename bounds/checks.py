@@ -98,3 +98,20 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Ten
 class PhaseBranchingUnsupported(ValueError):
     """The network / norm / attribution is outside what branching on activation phases supports
     (``complete_bound(branching="phases")``); ``branching="auto"`` falls back to input branching."""
+
+
+def check_search_args(budget_s, tol, max_memory_mb, **integers) -> None:
+    """The numbers of a branch-and-bound call: budget_s > 0, tol >= 0, max_memory_mb > 0 (finite), and
+    every keyword in ``integers`` an integer >= 1."""
+    checks = [
+        ("budget_s", budget_s, lambda v: v > 0, "> 0"),
+        ("tol", tol, lambda v: v >= 0, ">= 0"),
+        ("max_memory_mb", max_memory_mb, lambda v: v > 0, "> 0"),
+    ] + [(name, value, lambda v: v >= 1 and v == int(v), ">= 1 (an integer)") for name, value in integers.items()]
+    for name, value, ok, text in checks:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be a finite number {text}, got {value!r}")

@@ -69,7 +69,6 @@ branching, ``complete_input``); bad arguments raise ValueError.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -84,6 +83,7 @@ from .checks import (
     check_domain,
     check_eps,
     check_norm,
+    check_search_args,
     check_x,
     resolve_target,
 )
@@ -166,19 +166,7 @@ def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, m
         raise ValueError(
             f"unsupported objective {objective!r}; complete_bound supports {', '.join(OBJECTIVES)}"
         )
-    for name, value, ok in (
-        ("budget_s", budget_s, lambda v: v > 0),
-        ("tol", tol, lambda v: v >= 0),
-        ("max_memory_mb", max_memory_mb, lambda v: v > 0),
-    ):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if not math.isfinite(v) or not ok(v):
-            raise ValueError(
-                f"{name} must be a finite number {'>= 0' if name == 'tol' else '> 0'}, got {value!r}"
-            )
+    check_search_args(budget_s, tol, max_memory_mb)
     dom = check_domain(domain)
     if dom is not None and ((x < dom[0] - 1e-6).any() or (x > dom[1] + 1e-6).any()):
         raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")

@@ -71,7 +71,6 @@ stays at the root (certified) bound.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -80,7 +79,15 @@ from torch import nn
 from . import crown
 from .certified_box import bound_box, caller_radius
 from .certified_box import region as ball_box
-from .checks import check_attribution, check_domain, check_eps, check_norm, check_x, resolve_target
+from .checks import (
+    check_attribution,
+    check_domain,
+    check_eps,
+    check_norm,
+    check_search_args,
+    check_x,
+    resolve_target,
+)
 from .complete import CompleteResult
 from .complete_input_attack import Deviation, pgd, sample_ball, smear, to_ball, widest
 from .complete_objective import OBJECTIVES, Objective
@@ -130,19 +137,7 @@ def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, m
         raise ValueError(f"unsupported objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"unknown split_rule {split_rule!r}; choose from {', '.join(SPLIT_RULES)}")
-    for name, value, ok, text in (
-        ("budget_s", budget_s, lambda v: v > 0, "> 0"),
-        ("tol", tol, lambda v: v >= 0, ">= 0"),
-        ("max_memory_mb", max_memory_mb, lambda v: v > 0, "> 0"),
-        ("batch_size", batch_size, lambda v: v >= 1 and v == int(v), ">= 1 (an integer)"),
-        ("ig_steps", ig_steps, lambda v: v >= 1 and v == int(v), ">= 1 (an integer)"),
-    ):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if not math.isfinite(v) or not ok(v):
-            raise ValueError(f"{name} must be a finite number {text}, got {value!r}")
+    check_search_args(budget_s, tol, max_memory_mb, batch_size=batch_size, ig_steps=ig_steps)
     dom = check_domain(domain)
     if dom is not None and ((x < dom[0]).any() or (x > dom[1]).any()):
         raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
