@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import pathlib
 
 import pytest
 import torch
+from exact_oracle import exact_saliency_range
 from torch import nn
 
 from bounds import complete_bound
 from bounds.attribution import logit_gradient
 from bounds.checks import PhaseBranchingUnsupported
-
-_ORACLE_PATH = pathlib.Path(__file__).with_name("exact_oracle.py")
-
-
-def _oracle():
-    spec = importlib.util.spec_from_file_location("exact_oracle_for_bab", _ORACLE_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.exact_saliency_range
 
 
 def _mlp(n: int, hidden: tuple[int, ...], seed: int, classes: int = 3) -> nn.Sequential:
@@ -52,7 +42,7 @@ CASES = [  # (n, hidden, eps, seed)
 
 @pytest.mark.parametrize("n,hidden,eps,seed", CASES)
 def test_oracle_agreement_and_witness(n, hidden, eps, seed):
-    exact_range = _oracle()
+    exact_range = exact_saliency_range
     net = _mlp(n, hidden, seed)
     torch.manual_seed(100 + seed)
     x = torch.rand(1, n)
@@ -78,7 +68,7 @@ def test_oracle_agreement_and_witness(n, hidden, eps, seed):
 def test_node_lp_option_agrees_with_oracle(monkeypatch):
     import bounds.complete as complete_module
 
-    exact_range = _oracle()
+    exact_range = exact_saliency_range
     monkeypatch.setattr(complete_module, "NODE_LP", True)
     monkeypatch.setattr(complete_module, "BETA_ITERS", 5)
     net = _mlp(12, (24, 24), 1)
@@ -126,7 +116,7 @@ def test_eps_zero_and_single_pattern():
 
 
 def test_flattened_images_and_float64_models():
-    exact_range = _oracle()
+    exact_range = exact_saliency_range
     torch.manual_seed(21)
     net = nn.Sequential(
         nn.Flatten(), nn.Linear(9, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)
@@ -199,7 +189,7 @@ def test_bad_input():
 def test_cosine_objective_against_oracle(n, hidden, eps, seed):
     import numpy as np
 
-    exact_range = _oracle()
+    exact_range = exact_saliency_range
     net = _mlp(n, hidden, seed)
     torch.manual_seed(100 + seed)
     x = torch.rand(1, n)
@@ -287,7 +277,7 @@ def test_mixed_mccormick_product_is_sound_and_not_wider():
 
 @pytest.mark.slow
 def test_oracle_agreement_sweep():
-    exact_range = _oracle()
+    exact_range = exact_saliency_range
     for seed in range(12):
         n = (8, 12, 16)[seed % 3]
         net = _mlp(n, (16 + 8 * (seed % 3),) * 2, 50 + seed)

@@ -9,13 +9,12 @@ a clear or a tiny margin, and leaves that are feasible only inside the float mar
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import random
 
 import numpy as np
 import pytest
 import torch
+from exact_oracle import exact_saliency_range
 from soundness_fuzz import pgd, project, sample_points, smooth_surrogate
 from torch import nn
 
@@ -25,15 +24,6 @@ from bounds.complete_leaf import farkas_verified, leaf_program
 from bounds.complete_mlp import margins
 from bounds.complete_net import relu_mlp_from_chain
 from bounds.gradgraph import parse_chain
-
-_ORACLE_PATH = pathlib.Path(__file__).with_name("exact_oracle.py")
-
-
-def _oracle():
-    spec = importlib.util.spec_from_file_location("exact_oracle_for_cnn_l2", _ORACLE_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.exact_saliency_range
 
 
 def _cnn(seed: int, pool: bool | str = False) -> nn.Sequential:
@@ -111,7 +101,7 @@ def test_cnn_oracle_agreement(pool, eps, seed):
     torch.manual_seed(50 + seed)
     x = torch.rand(1, *in_shape)
     r = complete_bound(net, x, eps, budget_s=20.0, tol=0.01, seed=seed)
-    ex = float(_oracle()(dense, x[0].flatten().double(), eps, int(r.target[0]))["max_euclidean"])
+    ex = float(exact_saliency_range(dense, x[0].flatten().double(), eps, int(r.target[0]))["max_euclidean"])
     lo, up = float(r.lower[0]), float(r.upper[0])
     widen = r.details["per_sample"][0]["float_widening"]
     assert lo <= ex + 1e-6 and ex <= up
@@ -137,7 +127,7 @@ def test_l2_oracle_agreement(n, hidden, eps, seed):
     torch.manual_seed(100 + seed)
     x = torch.rand(1, n)
     r = complete_bound(net, x, eps, norm=2, budget_s=20.0, tol=0.01, seed=seed)
-    ex = float(_oracle()(net, x[0], eps, int(r.target[0]), norm="2")["max_euclidean"])
+    ex = float(exact_saliency_range(net, x[0], eps, int(r.target[0]), norm="2")["max_euclidean"])
     lo, up = float(r.lower[0]), float(r.upper[0])
     widen = r.details["per_sample"][0]["float_widening"]
     assert lo <= ex + 1e-6 and ex <= up
