@@ -33,7 +33,7 @@ from torch import nn
 from .alpha_crown import ALPHA_ITERS, check_alpha_iters
 from .attribution import attribution as compute_attribution
 from .certified_box import bound_box
-from .checks import check_attribution, check_domain, check_eps, check_norm, check_x, resolve_target
+from .checks import check_attribution, check_domain_of, check_eps, check_norm, check_x, resolve_target
 from .floatsafe import (
     COMPUTE_DTYPE,
     check_model_dtype,
@@ -136,9 +136,7 @@ def _check_args(model, x, eps, norm, attribution, method, domain, ig_steps):
     method = str(method).lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    dom = check_domain(domain)
-    if dom is not None and ((x < dom[0]).any() or (x > dom[1]).any()):
-        raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
+    dom = check_domain_of(x, domain)
     steps = int(ig_steps)
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")

@@ -74,6 +74,14 @@ def check_domain(domain) -> tuple[float, float] | None:
     return lo, hi
 
 
+def check_domain_of(x: torch.Tensor, domain, slack: float = 0.0) -> tuple[float, float] | None:
+    """``check_domain``, and x inside [lo - slack, hi + slack]."""
+    dom = check_domain(domain)
+    if dom is not None and ((x < dom[0] - slack).any() or (x > dom[1] + slack).any()):
+        raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
+    return dom
+
+
 def resolve_target(model: nn.Module, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
     """(target (B,) int64, logits of the real model (B, C)); target None = argmax of the real model."""
     with torch.no_grad():

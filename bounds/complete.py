@@ -80,7 +80,7 @@ from .certified_box import caller_radius
 from .checks import (
     PhaseBranchingUnsupported,
     check_attribution,
-    check_domain,
+    check_domain_of,
     check_eps,
     check_norm,
     check_search_args,
@@ -167,9 +167,7 @@ def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, m
             f"unsupported objective {objective!r}; complete_bound supports {', '.join(OBJECTIVES)}"
         )
     check_search_args(budget_s, tol, max_memory_mb)
-    dom = check_domain(domain)
-    if dom is not None and ((x < dom[0] - 1e-6).any() or (x > dom[1] + 1e-6).any()):
-        raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
+    dom = check_domain_of(x, domain, slack=1e-6)
     return eps, norm, attribution, dom
 
 

@@ -81,7 +81,7 @@ from .certified_box import bound_box, caller_radius
 from .certified_box import region as ball_box
 from .checks import (
     check_attribution,
-    check_domain,
+    check_domain_of,
     check_eps,
     check_norm,
     check_search_args,
@@ -138,9 +138,7 @@ def _check(model, x, eps, norm, attribution, objective, budget_s, tol, domain, m
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"unknown split_rule {split_rule!r}; choose from {', '.join(SPLIT_RULES)}")
     check_search_args(budget_s, tol, max_memory_mb, batch_size=batch_size, ig_steps=ig_steps)
-    dom = check_domain(domain)
-    if dom is not None and ((x < dom[0]).any() or (x > dom[1]).any()):
-        raise ValueError(f"x lies outside the domain [{dom[0]}, {dom[1]}]")
+    dom = check_domain_of(x, domain)
     return eps, norm, attribution, dom
 
 
