@@ -32,7 +32,7 @@ from torch import nn
 
 from .alpha_crown import ALPHA_ITERS, check_alpha_iters
 from .attribution import attribution as compute_attribution
-from .certified_box import bound_box
+from .certified_box import bound_box, map_box
 from .checks import check_attribution, check_domain_of, check_eps, check_norm, check_x, resolve_target
 from .floatsafe import (
     COMPUTE_DTYPE,
@@ -58,18 +58,6 @@ def attribution_map(g: torch.Tensor) -> torch.Tensor:
     if g.dim() >= 3:
         return g.abs().sum(dim=1).flatten(1)
     return g.abs().flatten(1)
-
-
-def map_box(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds on the map m = sum_c |g_c| from a box on g: |g| >= 0 if l <= 0 <= u else min(|l|, |u|);
-    |g| <= max(|l|, |u|); channels summed."""
-    lo_abs = torch.where(
-        (lower <= 0) & (upper >= 0), torch.zeros_like(lower), torch.minimum(lower.abs(), upper.abs())
-    )
-    hi_abs = torch.maximum(lower.abs(), upper.abs())
-    if lower.dim() >= 3:
-        return lo_abs.sum(dim=1).flatten(1), hi_abs.sum(dim=1).flatten(1)
-    return lo_abs.flatten(1), hi_abs.flatten(1)
 
 
 def certainly_in_topk(m_lo: torch.Tensor, m_hi: torch.Tensor, k: int) -> torch.Tensor:

@@ -42,6 +42,18 @@ from .interval import Box, factor_boxes, forward_bounds, gradient_box, mul
 _LIRPA_ERRORS = (NotImplementedError, AssertionError, RuntimeError, IndexError, KeyError, TypeError, ValueError)
 
 
+def map_box(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on the map m = sum_c |g_c| from a box on g: |g| >= 0 if l <= 0 <= u else min(|l|, |u|);
+    |g| <= max(|l|, |u|); channels summed."""
+    lo_abs = torch.where(
+        (lower <= 0) & (upper >= 0), torch.zeros_like(lower), torch.minimum(lower.abs(), upper.abs())
+    )
+    hi_abs = torch.maximum(lower.abs(), upper.abs())
+    if lower.dim() >= 3:
+        return lo_abs.sum(dim=1).flatten(1), hi_abs.sum(dim=1).flatten(1)
+    return lo_abs.flatten(1), hi_abs.flatten(1)
+
+
 def region(x: torch.Tensor, eps: float, domain: tuple[float, float] | None) -> Box:
     """Per-coordinate bounds of B_p(x, eps) ∩ [lo, hi]^n (the l_inf box contains the l2 ball)."""
     lo, hi = x - eps, x + eps

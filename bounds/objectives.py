@@ -54,7 +54,10 @@ from dataclasses import dataclass
 import torch
 
 from . import crown
-from .certified_box import _LIRPA_ERRORS  # the errors auto_LiRPA raises on unsupported graphs
+from .certified_box import (
+    _LIRPA_ERRORS,  # the errors auto_LiRPA raises on unsupported graphs
+    map_box,
+)
 from .floatsafe import MARGIN_FACTOR, gamma, unit_roundoff
 
 ENABLED = True  # False: certified_bound keeps the box objectives (benchmarks compare in one process)
@@ -181,15 +184,6 @@ def objective_bounds(
 # ----------------------------------------------------------------------------------------------
 # top-k pairs
 # ----------------------------------------------------------------------------------------------
-def map_bounds(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds (B, N) on m = sum_c |g_c| (channel dim 1 for (B, C, ...) inputs)."""
-    lo_abs = torch.where((lower <= 0) & (upper >= 0), torch.zeros_like(lower), torch.minimum(lower.abs(), upper.abs()))
-    hi_abs = torch.maximum(lower.abs(), upper.abs())
-    if lower.dim() >= 3:
-        return lo_abs.sum(dim=1).flatten(1), hi_abs.sum(dim=1).flatten(1)
-    return lo_abs.flatten(1), hi_abs.flatten(1)
-
-
 def _channels(x: torch.Tensor) -> torch.Tensor:
     """(B, C, N) view of an attribution: channels first ((B, n) -> (B, 1, n))."""
     if x.dim() >= 3:
@@ -218,7 +212,7 @@ def _pair_rows(g0, lower, upper, model_dtype):
     inter = inter + 4 * _U64 * (lo.abs() + hi.abs())
     b_const = inter.sum(dim=1) * (1 + gamma(ch + 4, _U64))  # (B, N)
     sign = torch.where(lo >= 0, torch.ones_like(lo), torch.where(hi <= 0, -torch.ones_like(lo), torch.zeros_like(lo)))
-    m_lo, m_hi = map_bounds(lower, upper)
+    m_lo, m_hi = map_box(lower, upper)
     m_x = _channels(g0).abs().sum(dim=1)
     count = box_reach_count(m_lo, m_hi)
     cand_rank = torch.where(count > 0, count.double(), torch.full_like(count, float("inf"), dtype=torch.float64))
