@@ -16,9 +16,10 @@ attribution, from
 
 From the box: Euclidean ||max(upper - g, g - lower)||_2; cosine = max(box bound, tangent bound
 (``tangent_cosine``)); certified top-k intersection of the maps (``CertifiedResult.topk_intersection``).
-Saliency with a CROWN gradient pass: sharpened by spec rows on that pass (``objectives``: the chord
-bound of the squared deviation, a cosine from <g0, g'> and ||g'||^2 rows, top-k pair rows), each
-min/max-ed with its box counterpart; ``details["objectives"]`` records which bound was used.
+With a CROWN gradient pass (saliency, gradient x input, IG): sharpened by spec rows on that pass
+(``objectives``: the chord bound of the squared deviation, a cosine from <g0, g'> and ||g'||^2 rows,
+top-k pair rows; gradient x input and IG through GradNet's product with x'), each min/max-ed with its
+box counterpart; ``details["objectives"]`` records which bound was used.
 Exact ties (ReLU input 0, equal max-pool entries) follow autograd: relu'(0) = 0, first maximum.
 """
 

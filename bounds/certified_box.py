@@ -113,7 +113,10 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     then bounded over B_p(x, eps') ∩ domain ∩ S; ``complete_input``).
     ``state``: a dict that receives what a further CROWN pass on GradNet needs (``crown_args``: the
     keyword arguments of ``crown.crown_gradient`` except ``spec``; ``float_error``: the vector E with
-    |torch's g - exact g| <= E elementwise (saliency only), ``box``: the region)."""
+    |torch's g - exact g| <= E elementwise at every row (path point), ``attr_error``: the vector E_a with
+    |torch's attribution - exact attribution| <= E_a elementwise, shape of x (saliency: E; gradient x
+    input: the product's; IG: the path mean's), both before the MARGIN_FACTOR widening, ``box``: the
+    region)."""
     batch = x.shape[0]
     x64 = x.to(COMPUTE_DTYPE)
     eps_c = caller_radius(eps, norm, x64, model_dtype)
@@ -211,10 +214,14 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
         if used != "ibp":
             ilo, ihi = torch.maximum(ilo, clo), torch.minimum(ihi, chi)
         err = xmag * ferr + unit_roundoff(model_dtype) * xmag * (mag + ferr)
+        if state is not None:
+            state["attr_error"] = err
         return (*widen((ilo, ihi), err), label_certified)
     if used != "ibp":
         glo, ghi = torch.maximum(glo, clo), torch.minimum(ghi, chi)
     if attribution == "saliency":
+        if state is not None:
+            state["attr_error"] = ferr
         return (*widen((glo, ghi), ferr), label_certified)
     # IG: average the path-point boxes, times the interval of x' - b (b = 0)
     shape = (reps, batch, *chain.in_shape)
@@ -223,6 +230,8 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
     m_mean = mag.view(shape).mean(dim=0)
     f_mean = f_mean + gamma(reps + 1, unit_roundoff(model_dtype)) * (m_mean + f_mean)
     err = xmag * f_mean + unit_roundoff(model_dtype) * xmag * (m_mean + f_mean)
+    if state is not None:
+        state["attr_error"] = err
     return (*widen(mul((glo, ghi), box), err), label_certified)
 
 

@@ -11,8 +11,30 @@ for every vector c
 
 One CROWN pass bounds a linear functional of the whole gradient, so it keeps the correlation between
 coordinates that the box (one pass per coordinate, combined coordinate by coordinate) throws away.
-Restricted to saliency: for gradient x input and IG the float error of the product / path mean is not
-an elementwise vector on the gradient-graph output (those keep the box objectives; documented).
+
+Every attribution a'(x') is handled the same way: all that 1-3 below use is the box L <= a' <= U and,
+for any row c, an upper bound on c . a' of the form (F) with an elementwise float-error vector E_a
+(``state["attr_error"]``, widened by MARGIN_FACTOR as the box is; ``certified_box.bound_box``).
+
+* saliency: a = g, the rows of GradNet; E_a = E.
+* gradient x input: GradNet with ``times_input`` (the graph the box pass already used) outputs the
+  product g_ex(x') * x' itself (a product node with x' inside the graph, relaxed by CROWN jointly with
+  the gradient), so a spec row bounds c . (g_ex(x') * x') directly.  Torch's a' = fl(x' * g'(x')) with
+  |g' - g_ex| <= E: |a' - g_ex x'| <= |x'| E + u |x'| (|g_ex| + E) <= E_a, the product error of the
+  box (|x'| <= max(|lo|, |hi|) over the region, |g_ex| <= M of ``floatsafe.backward_error``).
+* IG (baseline 0, right Riemann sum, alpha_s = s/m): IG_ex(x') = x' (1/m) sum_s g_ex(alpha_s x')
+  = sum_s (1/s) [g_ex(p_s) * p_s] at p_s = alpha_s x' (m alpha_s = s).  The box pass has one row per
+  path point s whose region is alpha_s R (p_s ranges over it); on those rows GradNet with
+  ``times_input`` gives ub_s(c) >= c . (g_ex(p) * p) for every p in alpha_s R, so
+  c . IG_ex(x') <= sum_s (1/s) ub_s(c) (each term maximised separately: sound, loses only the
+  coupling between path points; our float64 weights 1/s and the sum add gamma_{m+4} sum |terms|).
+  E_a is the box's error of the path mean (path-point rounding as an input error, the mean, the
+  product with x').
+
+Only upper bounds of the rows are used (the numerator's lower bound is the upper bound of -g0), so the
+CROWN pass is one-sided (``ONE_SIDED``: auto_LiRPA's ``bound_lower=False``; the lower side of every
+auto_LiRPA call of the pass is skipped, its returned lower bound is -inf, unused; alpha-CROWN passes
+keep both sides, their optimisation runs inside ``alpha_crown``).
 
 1. Euclidean (the "chord" bound).  For any vector c and every coordinate j, t -> (t - g0_j)^2 - c_j t
    is convex, so on [L_j, U_j] it is at most h_j = max over t in {L_j, U_j} of (t - g0_j)^2 - c_j t.
@@ -49,6 +71,7 @@ covered as in the box (``floatsafe``: u includes depth x 2^-53 in E).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +84,8 @@ from .certified_box import (
 from .floatsafe import MARGIN_FACTOR, gamma, unit_roundoff
 
 ENABLED = True  # False: certified_bound keeps the box objectives (benchmarks compare in one process)
+ONE_SIDED = True  # False: the spec-row pass also computes the unused lower bounds (benchmarks compare)
+ATTRIBUTIONS = ("saliency", "grad_x_input", "ig")
 PAIR_BUDGET = 64  # top-k pair rows per sample at most: min(PAIR_BUDGET, max(16, n // 4)) (the box: n rows)
 _U64 = unit_roundoff(torch.float64)
 
@@ -78,15 +103,66 @@ class ObjectiveBounds:
     rows: int
 
 
-def _spec_bounds(crown_args: dict, spec: torch.Tensor, extra: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CROWN bounds of the m rows of ``spec`` (rows, m, n); the chunk shrinks when m > n (memory)."""
+@contextlib.contextmanager
+def _upper_only(active: bool):
+    """While active: auto_LiRPA CROWN calls with a spec C that ask for both sides compute the upper side
+    only (``bound_lower=False``) and return -inf as the lower bound (``crown.crown_gradient`` has no
+    one-sided flag; the lower bounds are never read here).  Restored on exit."""
+    if not active:
+        yield
+        return
+    from .lirpa_compat import import_auto_lirpa
+
+    cls = import_auto_lirpa().BoundedModule
+    orig = cls.__dict__["compute_bounds"]
+
+    def compute_bounds(self, *args, bound_lower=True, bound_upper=True, **kw):
+        if not (bound_lower and bound_upper) or kw.get("C") is None or kw.get("return_A") \
+                or str(kw.get("method", "")).lower() != "crown":
+            return orig(self, *args, bound_lower=bound_lower, bound_upper=bound_upper, **kw)
+        _, ub = orig(self, *args, bound_lower=False, bound_upper=True, **kw)
+        return torch.full_like(ub, -float("inf")), ub
+
+    cls.compute_bounds = compute_bounds
+    try:
+        yield
+    finally:
+        cls.compute_bounds = orig
+
+
+def _spec_bounds(crown_args: dict, spec: torch.Tensor, extra: dict | None,
+                 upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds of the m rows of ``spec`` (rows, m, n); the chunk shrinks when m > n (memory).
+    ``upper_only``: the lower bounds are -inf (not computed) where the pass is plain CROWN."""
     args = dict(crown_args)
     if extra:
         args.update(extra)
     n, m = spec.shape[2], spec.shape[1]
     if m > n:
         args["chunk"] = max(1, int(args.get("chunk", 1)) * n // m)
-    return crown.crown_gradient(**args, spec=spec)
+    with _upper_only(upper_only and not args.get("optimize")):
+        return crown.crown_gradient(**args, spec=spec)
+
+
+def spec_upper(crown_args: dict, spec: torch.Tensor, attribution: str, extra: dict | None = None) -> torch.Tensor:
+    """(B, m) upper bounds of spec (B, m, n) . a_ex(x') over the region for the EXACT attribution a_ex
+    (module docstring: saliency / gradient x input rows of GradNet; IG as sum_s (1/s) ub_s over the path
+    rows); NaN read as +inf; float64 rounding of the IG sum added outward."""
+    b = spec.shape[0]
+    args = dict(crown_args)
+    if attribution == "ig":
+        args["times_input"] = True
+        reps = args["center"].shape[0] // b
+        _, ub = _spec_bounds(args, spec.repeat(reps, 1, 1), extra, ONE_SIDED)  # rows (s, sample)
+        ub = torch.where(torch.isnan(ub), torch.full_like(ub, float("inf")), ub).view(reps, b, -1)
+        w = 1.0 / torch.arange(1, reps + 1, dtype=ub.dtype, device=ub.device).view(reps, 1, 1)
+        terms = w * ub  # w > 0: +-inf stay +-inf
+        total = terms.sum(dim=0) + gamma(reps + 4, _U64) * terms.abs().sum(dim=0)
+        return torch.where(torch.isnan(total), torch.full_like(total, float("inf")), total)
+    if bool(args.get("times_input")) != (attribution == "grad_x_input"):
+        raise ValueError(f"the recorded GradNet pass does not compute the {attribution} attribution")
+    _, ub = _spec_bounds(args, spec, extra, ONE_SIDED)
+    return torch.where(torch.isnan(ub), torch.full_like(ub, float("inf")), ub)
 
 
 def _sum_err(mag: torch.Tensor, terms: int) -> torch.Tensor:
@@ -125,12 +201,14 @@ def objective_bounds(
     model_dtype: torch.dtype,
     topk_pairs: bool = True,
     extra: dict | None = None,
+    attribution: str = "saliency",
 ) -> ObjectiveBounds:
-    """Chord Euclidean, spec-row cosine and top-k pair certificates (module docstring) for saliency.
+    """Chord Euclidean, spec-row cosine and top-k pair certificates (module docstring).
 
-    g0, lower, upper: (B, *in_shape) float64 with lower <= g0 <= upper and lower <= g'(x') <= upper;
-    float_error: E, same shape; ``extra``: further keyword arguments of ``crown_gradient`` (e.g. an
-    optimisation option).  One ``crown_gradient`` call with 2 + (pairs) spec rows per sample."""
+    g0, lower, upper: (B, *in_shape) float64 with lower <= g0 <= upper and lower <= a'(x') <= upper for
+    the float attribution a' (saliency | grad_x_input | ig); float_error: E_a, same shape (|a' - a_ex|
+    <= E_a); ``extra``: further keyword arguments of ``crown_gradient`` (e.g. an optimisation option).
+    One ``crown_gradient`` call with 3 + (pairs) spec rows per sample (IG: per path row)."""
     b = g0.shape[0]
     g, lo, hi, err = (t.reshape(b, -1) for t in (g0, lower, upper, float_error))
     n = g.shape[1]
@@ -143,8 +221,7 @@ def objective_bounds(
     spec = torch.stack(rows, dim=1)
     if pair_idx is not None:
         spec = torch.cat([spec, prow], dim=1)
-    _, ub = _spec_bounds(crown_args, spec, extra)
-    ub = torch.where(torch.isnan(ub), torch.full_like(ub, float("inf")), ub)  # NaN: no information
+    ub = spec_upper(crown_args, spec, attribution, extra)  # NaN: no information (+inf)
     ub = ub + _float_term(spec, err.unsqueeze(1))
 
     # 1. Euclidean
@@ -283,21 +360,24 @@ def sharpen(
     details: dict,
     extra: dict | None = None,
 ) -> ObjectiveBounds | None:
-    """``objective_bounds`` where ``bound_box`` left a CROWN pass to reuse (saliency), else None
-    (the box objectives stay; ``details["objectives"]`` says why).  A failing auto_LiRPA call is
-    recorded and also leaves the box objectives (still sound)."""
+    """``objective_bounds`` where ``bound_box`` left a CROWN pass to reuse, else None (the box
+    objectives stay; ``details["objectives"]`` says why).  A failing auto_LiRPA call is recorded and
+    also leaves the box objectives (still sound)."""
     if not ENABLED:
         details["objectives"] = {"used": "box", "why": "objectives.ENABLED is False"}
         return None
-    if attribution != "saliency":
-        details["objectives"] = {"used": "box", "why": f"spec-row objectives are saliency-only ({attribution})"}
+    if attribution not in ATTRIBUTIONS:
+        details["objectives"] = {"used": "box", "why": f"no spec-row objectives for {attribution}"}
         return None
-    if state.get("crown_args") is None or state.get("float_error") is None:
+    err = state.get("attr_error")
+    if err is None and attribution == "saliency":
+        err = state.get("float_error")
+    if state.get("crown_args") is None or err is None:
         details["objectives"] = {"used": "box", "why": "no CROWN gradient pass (method ibp or CROWN failed)"}
         return None
     try:
-        return objective_bounds(state["crown_args"], state["float_error"], g0, lower, upper, model_dtype,
-                                extra=extra)
+        return objective_bounds(state["crown_args"], err, g0, lower, upper, model_dtype, extra=extra,
+                                attribution=attribution)
     except _LIRPA_ERRORS as exc:
         details["objectives"] = {"used": "box", "why": f"{type(exc).__name__}: {exc}"[:300]}
         return None
