@@ -170,3 +170,69 @@ def attack(
             if float(dev[i]) > best:
                 best, best_pt = float(dev[i]), pts[i].clone()
     return best, best_pt
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def _hinge(mlp: ReluMLP, x: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
+    """(P,) sum over split units of relu(-s_i z_i(x)) (z from the dense float64 model, exact relu): zero
+    iff every split unit has its split's sign (up to z_i = 0)."""
+    h, out = x, torch.zeros(x.shape[0], dtype=x.dtype)
+    for k in range(len(mlp.widths)):
+        z = h @ mlp.weights[k].t() + mlp.biases[k]
+        s = mlp.layer(splits, k).to(x.dtype)
+        out = out + torch.relu(-s * z).sum(dim=1)
+        h = torch.relu(z)
+    return out
+
+
+def subdomain_attack(
+    model: nn.Module,
+    mlp: ReluMLP,
+    starts: torch.Tensor,
+    splits: torch.Tensor,
+    xl: torch.Tensor,
+    xu: torch.Tensor,
+    target: int,
+    obj,
+    shape,
+    dtype,
+    steps: int = 24,
+    ball=None,
+) -> tuple[float, torch.Tensor | None]:
+    """PGD inside subdomains (issue 10: "the deviation attack, run inside promising subdomains").
+
+    Chain p starts at ``starts[p]`` (float64 points of the region) and climbs the softplus-surrogate
+    badness while a hinge on the split units of ``splits[p]`` (``_hinge``) pulls it into that subdomain:
+    step direction = normalised surrogate gradient + 2 x normalised hinge descent direction (sign steps
+    for l_inf, normalised steps for l2, as ``attack``).  Every few iterates are projected to ``dtype``
+    inside the region and scored on the real network: the returned (badness, point) is a deviation
+    actually reached (whether or not the point lies in the subdomain).  (None when nothing beat -inf.)"""
+    rad_inf = (xu - xl) / 2
+    step = (ball[1] if ball is not None else float(rad_inf.max())) / 4
+    best, best_pt = -float("inf"), None
+    if step <= 0 or starts.shape[0] == 0:
+        return best, best_pt
+    z = starts.clone()
+    for it in range(steps):
+        beta = 10.0 * (1 + 4 * it / max(steps - 1, 1))
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            up = obj.surrogate_loss(_surrogate_grad(mlp, z, target, beta))
+            (g_up,) = torch.autograd.grad(up, z)
+            (g_h,) = torch.autograd.grad(_hinge(mlp, z, splits).sum(), z)
+        direction = _unit(g_up) - 2 * _unit(g_h)
+        lr = step * (1 - it / steps) + 1e-3 * step
+        if ball is None:
+            z = torch.minimum(torch.maximum(z.detach() + lr * direction.sign(), xl), xu)
+        else:
+            z = project(z.detach() + lr * _unit(direction), xl, xu, DT, ball)
+        if it % 6 == 5 or it == steps - 1:
+            pts = project(z, xl, xu, dtype, ball)
+            dev, _ = real_badness(model, pts, target, obj, shape)
+            i = int(dev.argmax())
+            if float(dev[i]) > best:
+                best, best_pt = float(dev[i]), pts[i].clone()
+    return best, best_pt

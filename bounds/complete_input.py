@@ -448,11 +448,13 @@ BRANCHING = ("auto", "phases", "input")
 
 def phase_supported(model: nn.Module, x: torch.Tensor, attribution: str) -> bool:
     """False where branching on activation phases can never apply: attribution other than saliency
-    (gradient x input and IG are not constant on activation regions), smooth activations (no finite set
-    of phases) or max-pooling.  True otherwise (including models that do not parse: the phase path then
-    raises its own error).  ``complete_bound(branching="auto")`` sends False to ``input_branch_bound``,
-    tries the phase mode on True and falls back to input branching on ``PhaseBranchingUnsupported``."""
-    from .gradgraph import Act, MaxPool
+    (gradient x input and IG are not constant on activation regions) or smooth activations (no finite
+    set of phases).  True otherwise, max-pooling included (its routing becomes ReLU phases:
+    ``complete_maxpool``; unsupported pool placements raise ``PhaseBranchingUnsupported`` there), and
+    models that do not parse (the phase path then raises its own error).  ``complete_bound(branching=
+    "auto")`` sends False to ``input_branch_bound``, tries the phase mode on True and falls back to input
+    branching on ``PhaseBranchingUnsupported``."""
+    from .gradgraph import Act
 
     try:
         if check_attribution(attribution) != "saliency":
@@ -460,4 +462,4 @@ def phase_supported(model: nn.Module, x: torch.Tensor, attribution: str) -> bool
         chain = parse_chain(model, tuple(x.shape[1:]))
     except (ValueError, TypeError, AttributeError):
         return True
-    return not any((isinstance(op, Act) and op.name != "relu") or isinstance(op, MaxPool) for op in chain.ops)
+    return not any(isinstance(op, Act) and op.name != "relu" for op in chain.ops)

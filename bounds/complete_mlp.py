@@ -244,7 +244,8 @@ def _clamp(lo, hi, s, m):
 
 
 def preact_bounds(
-    mlp: ReluMLP, splits: torch.Tensor, xl, xu, marg, beta_iters: int = 0, ball=None, prior=None
+    mlp: ReluMLP, splits: torch.Tensor, xl, xu, marg, beta_iters: int = 0, ball=None, prior=None,
+    opt_iters: int = 0,
 ):
     """Bounds l_k <= exact z_k <= u_k on each subdomain (S, units) -> lists of (S, h_k), and a (S,)
     mask of subdomains proven empty (some l_i > u_i after the split clamps).
@@ -253,7 +254,9 @@ def preact_bounds(
     with the range over the ball, w x0 + b +- r ||w||_2.  Layer k >= 2: CROWN (linear bounds back to
     the input through the relaxations of relu on the already clamped [l, u]) intersected with interval
     propagation; with ``beta_iters`` > 0 the CROWN bounds also use the layer-1 splits as constraints on
-    x (``_split_dual``).  Split clamps (see module doc): active -> l >= -m, inactive -> u <= m.
+    x (``_split_dual``); with ``opt_iters`` > 0 the units CROWN leaves open are then tightened by
+    alpha-beta-CROWN under the splits of every earlier layer (``complete_beta.refine``, that many Adam steps).
+    Split clamps (see module doc): active -> l >= -m, inactive -> u <= m.
     ``prior``: bounds (lows, highs) valid on a superset (the root): intersected.  CROWN runs only for
     the units whose phase the interval bounds leave open in some subdomain of the batch (the others'
     relaxations are exact whatever their bounds)."""
@@ -288,6 +291,10 @@ def preact_bounds(
                 h = idx.numel()
                 hi[:, idx] = torch.minimum(hi[:, idx], cu[:, :h])
                 lo[:, idx] = torch.maximum(lo[:, idx], -cu[:, h:])
+                if opt_iters > 0:  # alpha-beta-CROWN on the units CROWN leaves open (in place)
+                    from .complete_beta import refine
+
+                    refine(mlp, lam, bias, lows, highs, k, xl, xu, splits, marg, opt_iters, ball, lo, hi, idx)
         # our own float64 rounding: widen outward (relative to the magnitudes involved)
         slack = _OWN_ROUNDING * (lo.abs() + hi.abs() + 1.0)
         lo, hi = lo - slack, hi + slack
@@ -354,9 +361,10 @@ def _product_planes(dl, du, vl, vu, upper: bool):
     return tuple(w1 * a + (1 - w1) * b for a, b in zip(p1, p2))
 
 
-def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: list) -> tuple:
+def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: list, rows=None):
     """Linear-relaxation bound of g = W_1^T (d_1 * v_1) with v_k = W_{k+1}^T (d_{k+1} * v_{k+1}), v_K = w,
-    batched over subdomains: for each row c of [I; -I], an upper bound of c^T g.
+    batched over subdomains: for each row c of [I; -I], an upper bound of c^T g (``rows`` (S, R, n)
+    given: an upper bound of each row's c^T g instead, returned as (S, R)).
 
     Backward (CROWN-style, d's as free variables in their boxes): the coefficient Lam on p_k = d_k * v_k
     is passed through the mixed McCormick planes (upper where Lam >= 0, lower where Lam < 0), giving
@@ -370,8 +378,11 @@ def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: lis
     # has d = 0: p_k = 0 there, its coefficients vanish)
     cols = [torch.nonzero((mlp.layer(ph, k) >= 0).any(dim=0)).flatten() for k in range(len(mlp.widths))]
     w1t = mlp.weights[0][cols[0]].t()
-    lam = torch.cat([w1t, -w1t]).unsqueeze(0).expand(S, -1, -1)  # (S, 2n, |cols_1|): coefficients on p_1
-    total = torch.zeros(S, 2 * n, dtype=DT)
+    if rows is None:
+        lam = torch.cat([w1t, -w1t]).unsqueeze(0).expand(S, -1, -1)  # (S, 2n, |cols_1|): coefficients on p_1
+    else:
+        lam = rows.to(DT) @ w1t
+    total = torch.zeros(S, lam.shape[1], dtype=DT)
     for k in range(len(mlp.widths)):
         p = mlp.layer(ph, k)[:, cols[k]]
         # a fixed phase makes d * v exactly linear in v (coefficient d); planes only for the units free
@@ -396,6 +407,8 @@ def gradient_box_linear(mlp: ReluMLP, ph: torch.Tensor, target: int, record: lis
             lam = coef_v @ mlp.weights[k + 1][cols[k + 1]][:, cols[k]].t()
         else:
             total = total + coef_v @ mlp.weights[-1][target][cols[k]]
+    if rows is not None:
+        return total
     return -total[:, n:], total[:, :n]
 
 

@@ -15,6 +15,14 @@ term separately), ||g|| <= Mx := ||max(|l|, |u|)||, and ||g|| >= Mn := ||dist(0,
 N >= 0: cos >= N / (||g0|| Mx); if N < 0 and Mn > 0: cos >= N / (||g0|| Mn); else cos >= -1.  A zero g
 (cos = 0 by convention) is covered: if 0 is in the box every term of N is <= 0, so N < 0 (bound < 0) or
 N = 0 (bound 0).  Clamped to [-1, 1]; g0 = 0 gives -1.
+
+Chord bound on the Euclidean deviation (``euclid_chord``, the node bound of "euclidean" with the linear
+gradient relaxation; as ``bounds.objectives`` does for certified_bound): with t = g - g0 in the box
+[a, b] (a = gL - g0, b = gU - g0), each t_j^2 <= (a_j + b_j) t_j - a_j b_j (the chord of a convex
+function lies above it on [a_j, b_j]), so  ||g - g0||^2 <= c.g - c.g0 - sum_j a_j b_j,  c = a + b, and
+one more row of the linear relaxation bounds c.g above on the whole subdomain.  It keeps the
+correlation between coordinates that the box norm ||max(b, -a)|| throws away (measured 7-9% lower on
+MNIST cnn-small subdomains).
 """
 
 from __future__ import annotations
@@ -40,6 +48,22 @@ def cos_box_lower(g0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch
     if float(n0) == 0.0:
         return torch.full_like(num, -1.0)
     return out
+
+
+def euclid_chord(upper_cg: torch.Tensor, gl: torch.Tensor, gu: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
+    """(S,) upper bound on ||g - g0||_2 over g in [gl, gu] (S, n) with c.g <= ``upper_cg`` (S,),
+    c = gl + gu - 2 g0 (module docstring).  Our float64 rounding of the sums is covered by a relative
+    slack of 1e-9 on the magnitudes summed (n 2^-53 ~ 1e-13 for n ~ 1e3; the backward pass that produced
+    ``upper_cg`` rounds at the same relative level as ``gradient_box_linear``); a box with some
+    gl_j > gu_j (empty up to rounding) gets +inf (the caller keeps the box norm)."""
+    a, b = gl - g0, gu - g0
+    c = a + b
+    cg0, ab = (c * g0).sum(dim=1), (a * b).sum(dim=1)
+    mag = upper_cg.abs() + (c * g0).abs().sum(dim=1) + (a * b).abs().sum(dim=1)
+    mag = mag + (c.abs() * torch.maximum(gl.abs(), gu.abs())).sum(dim=1)
+    sq = upper_cg - cg0 - ab + 1e-9 * mag
+    out = sq.clamp_min(0).sqrt()
+    return torch.where((a > b).any(dim=1), torch.full_like(out, float("inf")), out)
 
 
 class Objective:

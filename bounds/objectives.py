@@ -227,6 +227,7 @@ def objective_bounds(
     # 1. Euclidean
     sq = chord_square_bound(g, lo, hi, c_euc, ub[:, 0])
     euclidean = _sqrt_up(sq)
+    euclidean = torch.where(torch.isnan(euclidean), torch.full_like(euclidean, float("inf")), euclidean)
     box_sq = torch.maximum((lo - g) ** 2, (hi - g) ** 2).sum(dim=1)
     euclidean = torch.minimum(euclidean, _sqrt_up(box_sq * (1 + gamma(n + 16, _U64))))
 
@@ -247,6 +248,10 @@ def objective_bounds(
     )
     cosine = torch.where(num >= 0, pos, neg).clamp(-1.0, 1.0)
     cosine = torch.where(norm_g > 0, cosine, torch.full_like(cosine, -1.0))
+    # an unbounded box (huge radii) makes inf - inf: NaN carries no information (and would slip through
+    # every comparison), so it reads as the trivial bounds
+    euclidean = torch.where(torch.isnan(euclidean), torch.full_like(euclidean, float("inf")), euclidean)
+    cosine = torch.where(torch.isnan(cosine), torch.full_like(cosine, -1.0), cosine)
 
     # 3. top-k pairs: j never reaches i where the pair bound is < 0
     refuted = None
