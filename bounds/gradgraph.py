@@ -235,6 +235,17 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _Product.apply(a, b)
 
 
+def _flattened_image(ops: list, i: int) -> tuple[int, int, int] | None:
+    """(C, H, W) if the linear op ``i`` reads a Flatten of a (C, H, W) image that is not the network's
+    input (there the identity spec reaches the layer dense and batch-shared: one matmul is best)."""
+    if i < 2 or not isinstance(ops[i - 1], Reshape):
+        return None
+    shape = tuple(ops[i - 1].in_shape)
+    if len(shape) != 3 or int(torch.tensor(shape).prod()) != int(ops[i].weight.shape[1]):
+        return None
+    return shape
+
+
 def _adjoint_output_padding(in_hw, out_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
     return tuple(
         int(in_hw[d] - ((out_hw[d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel[d] - 1) + 1))
@@ -263,13 +274,25 @@ class GradNet(nn.Module):
             if isinstance(op, Affine) and op.kind == "conv"
         }
         # W of every linear layer as a (out, in, 1, 1) kernel of its adjoint (a parameter of its own:
-        # auto_LiRPA reads constant weights from parameter nodes)
+        # auto_LiRPA reads constant weights from parameter nodes).  A linear layer that reads a flattened image (C, H, W) from inside the net (a Flatten after a
+        # convolution or pooling) is the C x H x W convolution of that image to (out, 1, 1): its
+        # adjoint is written as that transposed convolution (kernel W viewed as (out, C, H, W)), so the
+        # CROWN coefficients reach it as images and ``windowed_conv`` multiplies only the few pixels
+        # each spec row touches (the same products W_oj A_j, the zero terms left out); the Flatten's
+        # reshape is then a no-op.
         self.linear_index: dict[int, int] = {}
         self.linear_kernels = nn.ParameterList()
+        self.image_linear: set[int] = set()
         for i, op in enumerate(self.ops):
             if isinstance(op, Affine) and op.kind == "linear":
                 self.linear_index[i] = len(self.linear_kernels)
-                self.linear_kernels.append(_frozen(op.weight.reshape(*op.weight.shape, 1, 1)))
+                image = _flattened_image(self.ops, i)
+                if image is not None:
+                    self.image_linear.add(i)
+                    kernel = op.weight.reshape(op.weight.shape[0], *image)
+                else:
+                    kernel = op.weight.reshape(*op.weight.shape, 1, 1)
+                self.linear_kernels.append(_frozen(kernel))
         # forward values are needed up to the last smooth activation
         smooth = [i for i, op in enumerate(self.ops) if isinstance(op, Act) and op.name != "relu"]
         self.forward_until = (max(smooth) + 1) if smooth else 0
@@ -301,7 +324,8 @@ class GradNet(nn.Module):
                     # multiplies it per sample and asks for its input's bounds)
                     k = self.linear_kernels[self.linear_index[i]]
                     v = conv_adjoint(v.reshape(-1, k.shape[0], 1, 1), k, (1, 1), (0, 0), (0, 0))
-                    v = v.reshape(-1, k.shape[1])
+                    if i not in self.image_linear:
+                        v = v.reshape(-1, k.shape[1])
                 else:
                     opad = _adjoint_output_padding(
                         op.in_shape[1:], op.out_shape[1:], self.kernels[i], op.stride, op.padding, op.dilation

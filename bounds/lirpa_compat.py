@@ -14,7 +14,8 @@ torch exports ``nn.Softplus(beta)`` as ``Div(Softplus(Mul(x, beta)), beta)``): s
 convex, so on [l, u] the chord lies above it and the tangent at the midpoint below it.
 
 For speed it also computes 0.3's tanh/sigmoid tangent tables once per process (0.3 recomputes them,
-5-15 s, for every Tanh/Sigmoid node).  A newer auto_LiRPA (>= 0.4, installed from git) is imported
+5-15 s, for every Tanh/Sigmoid node), and runs its float64 CPU transposed convolutions in chunks of
+rows (the same values, a bounded column buffer: ``_chunked_conv_transpose``).  A newer auto_LiRPA (>= 0.4, installed from git) is imported
 as it is.  Tested on torch 2.2 - 2.13.
 """
 
@@ -122,6 +123,46 @@ def _check_ibp_intermediate(self, node) -> bool:
         n.interval = self.IBP_general(n)
         n.lower, n.upper = n.interval
     return True
+
+
+# float64 transposed convolutions on CPU (torch's slow_conv_transpose2d) zero a column buffer of
+# (batch, C_out kh kw, H W) doubles: at most this many bytes of it per call
+_COLUMN_BYTES = 32 << 20
+
+
+def _chunked_conv_transpose(auto_lirpa) -> None:
+    """auto_LiRPA's BoundConv turns matrix-mode coefficients (spec x batch rows) into the previous
+    layer's with one ``F.conv_transpose2d`` over all rows.  In float64 on CPU torch runs it as
+    slow_conv_transpose2d, which first allocates and zeroes a column buffer for every row at once
+    (cnn-small: 3200 x 256 x 49 doubles, 321 MB, page-faulted on every call).  Here the rows go through
+    in chunks whose buffer stays under ``_COLUMN_BYTES`` (kept in the heap, ``heap.retained_heap``):
+    every row is computed alone in either case (a per-sample gemm and col2im), so the values are the
+    same bytes (checked in tests/test_speed_paths.py); other dtypes and devices are left alone."""
+    from auto_LiRPA.operators import convolution
+
+    if getattr(convolution, "_certattr_chunked", False):
+        return
+    functional = torch.nn.functional
+    proxy = types.SimpleNamespace(**{k: getattr(functional, k) for k in dir(functional) if not k.startswith("__")})
+
+    def conv_transpose2d(inp, weight, *args, **kwargs):
+        if inp.dtype != torch.float64 or inp.device.type != "cpu" or inp.dim() != 4 or inp.shape[0] < 2:
+            return functional.conv_transpose2d(inp, weight, *args, **kwargs)
+        per_row = 8 * int(weight[0].numel()) * int(inp.shape[2] * inp.shape[3])  # C_out/groups x kh x kw x H W
+        rows = max(1, _COLUMN_BYTES // max(1, per_row))
+        if rows >= inp.shape[0]:
+            return functional.conv_transpose2d(inp, weight, *args, **kwargs)
+        first = functional.conv_transpose2d(inp[:rows], weight, *args, **kwargs)
+        out = first.new_empty(inp.shape[0], *first.shape[1:])  # chunks written in place: one output alive
+        out[:rows] = first
+        del first
+        for i in range(rows, inp.shape[0], rows):
+            out[i : i + rows] = functional.conv_transpose2d(inp[i : i + rows], weight, *args, **kwargs)
+        return out
+
+    proxy.conv_transpose2d = conv_transpose2d
+    convolution.F = proxy
+    convolution._certattr_chunked = True
 
 
 def _softplus_relaxation(auto_lirpa) -> None:
@@ -248,7 +289,9 @@ def _build_custom_ops() -> dict:
         The conv2d runs on each spec row's spatial window only (``windowed_conv.conv2d_rows``: the
         rows that start from the identity spec are local, the same terms are summed); coefficients
         shared by every sample (the identity spec, expanded over the batch) are convolved once, and
-        a lower and upper matrix that are the same tensor once."""
+        a lower and upper matrix that are the same tensor once.  The per-offset-class matrices of the
+        windows are cached on the node (its weight is constant; keyed on the weight's storage and
+        version)."""
 
         def __init__(self, attr, inputs, output_index, options):
             super().__init__(attr, inputs, output_index, options)
@@ -286,10 +329,12 @@ def _build_custom_ops() -> dict:
                         self.dilation,
                     )
                     return out.view(shape[0], shape[1], *out.shape[1:])
+                cache = self.__dict__.setdefault("_certattr_windows", {})
                 if a.shape[1] > 1 and a.stride(1) == 0:  # one matrix for the whole batch
-                    out = conv2d_rows(a[:, :1], weight, self.stride, self.padding, self.dilation)
+                    out = conv2d_rows(a[:, :1], weight, self.stride, self.padding, self.dilation,
+                                      cache.setdefault("shared", {}))
                     return out.expand(a.shape[0], a.shape[1], *out.shape[2:])
-                return conv2d_rows(a, weight, self.stride, self.padding, self.dilation)
+                return conv2d_rows(a, weight, self.stride, self.padding, self.dilation, cache.setdefault("rows", {}))
 
             lower = one(last_lA)
             upper = lower if _same_tensor(last_lA, last_uA) else one(last_uA)
@@ -408,6 +453,7 @@ def import_auto_lirpa():
         _patch_bounded_module(auto_lirpa)
         _softplus_relaxation(auto_lirpa)
         _cache_s_shaped_tables(auto_lirpa)
+        _chunked_conv_transpose(auto_lirpa)
     ops = _build_custom_ops()
     register = getattr(auto_lirpa, "register_custom_op", None)
     if register is not None:

@@ -26,7 +26,16 @@ covered by ``floatsafe.effective_unit``).  Cost: E^2 C x L^2 C' per row and samp
 second layer: 2 x 2 inputs to 3 x 3 outputs instead of the 14 x 14 -> 7 x 7 planes), plus one pass
 over A to find the supports.
 
-``conv2d_rows`` falls back to one plain conv2d when the windows are not small (dense rows).
+Full-plane mode.  When the output windows would cover most of the output plane (a kernel as large as
+the plane: a linear layer after a Flatten written as a convolution by ``gradgraph.GradNet``), but the
+input support windows are small against the kernel (E E' <= kh kw / 2), every row is computed on the
+whole output plane (o_0 = 0, L = H', delta_j = a_j + p) from its input window only: the same
+per-offset-class matrices, now E E' C x H' W' C' (cnn-small's 1568 -> 100 layer: 3 x 3 x 32 inputs per
+row instead of 7 x 7 x 32).  Exactness as above: the terms left out are products with inputs that
+are exactly 0.
+
+``conv2d_rows`` falls back to one plain conv2d when the windows are not small (dense rows) or there
+are more than ``MAX_GROUPS`` offset classes.
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ import torch.nn.functional as F
 
 # use windows only when they cover at most this fraction of the output plane
 MAX_WINDOW_FRACTION = 0.5
+# at most this many offset classes (one small matmul each); more: one plain conv2d
+MAX_GROUPS = 96
+# build every class's matrix in one gather up to this many entries (else one gather per class)
+MAX_MATRIX_ENTRIES = 1 << 22
 
 
 def _support(nonzero_lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,10 +69,12 @@ def conv2d_rows(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """conv2d over the last three dims of ``a`` (S, B, C, H, W) with ``weight`` (C', C, kh, kw), no
     bias; rows (dim 0) with small spatial support are convolved on their window only (module
-    docstring).  Returns (S, B, C', H', W')."""
+    docstring).  Returns (S, B, C', H', W').  ``cache``: a dict owned by the caller for this ``weight`` (the
+    per-class matrices are kept there, keyed on the weight's storage, version and the classes)."""
     S, B, C, H, W = a.shape
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -84,7 +99,12 @@ def conv2d_rows(
     ow0 = torch.div(fw + pw - reach_w + sw - 1, sw, rounding_mode="floor")
     lho, lwo = (reach_h + ext_h - 1) // sh + 1, (reach_w + ext_w - 1) // sw + 1
     if lho * lwo > MAX_WINDOW_FRACTION * ho * wo:
-        return dense()
+        # the output windows cover the plane (a kernel as large as the plane: a linear layer after a
+        # Flatten): every output of the row, o_0 = 0 and L = the plane, from the input window only
+        if ext_h * ext_w > MAX_WINDOW_FRACTION * kh * kw:
+            return dense()
+        oh0, ow0 = torch.zeros_like(fh), torch.zeros_like(fw)
+        lho, lwo = ho, wo
     dev = a.device
     delta_h, delta_w = fh + ph - sh * oh0, fw + pw - sw * ow0
     # the support windows: A[j, :, :, a_j + e, a'_j + e'] (positions past the plane are 0)
@@ -101,16 +121,43 @@ def conv2d_rows(
     # per offset class: output t of the window reads input e through kernel tap q = (e + delta - s t) / d
     w_ext = weight.new_zeros(cout, C, kh + 1, kw + 1)  # tap index k: a zero tap
     w_ext[:, :, :kh, :kw] = weight
-    code = (delta_h - delta_h.min()) * (int(delta_w.max() - delta_w.min()) + 1) + (delta_w - delta_w.min())
-    local = a.new_empty(S, B, cout * lho * lwo)
-    for g in torch.unique(code).tolist():
-        idx = (code == g).nonzero().squeeze(1)
-        j = int(idx[0])
-        qh = _taps(int(delta_h[j]), ext_h, lho, kh, sh, dh, dev)
-        qw = _taps(int(delta_w[j]), ext_w, lwo, kw, sw, dw, dev)
-        m = w_ext[:, :, qh.view(ext_h, 1, lho, 1), qw.view(1, ext_w, 1, lwo)]  # (C', C, Eh, Ew, Lh, Lw)
-        m = m.permute(2, 3, 1, 0, 4, 5).reshape(ext_h * ext_w * C, cout * lho * lwo)
-        local.index_copy_(0, idx, win.index_select(0, idx) @ m)
+    # offset classes: rows sorted by class, one matmul per class on a contiguous block of rows
+    dh_min, dw_min = int(delta_h.min()), int(delta_w.min())
+    span_w = int(delta_w.max()) - dw_min + 1
+    code = (delta_h - dh_min) * span_w + (delta_w - dw_min)
+    order = torch.argsort(code, stable=True)
+    classes, counts = torch.unique_consecutive(code.index_select(0, order), return_counts=True)
+    n_cls = int(classes.numel())
+    k_in, n_out = ext_h * ext_w * C, cout * lho * lwo
+    if n_cls > MAX_GROUPS:
+        return dense()
+    qh = _taps_all(classes // span_w + dh_min, ext_h, lho, kh, sh, dh)  # (G, Eh, Lh)
+    qw = _taps_all(classes % span_w + dw_min, ext_w, lwo, kw, sw, dw)  # (G, Ew, Lw)
+    mats = None
+    if n_cls * k_in * n_out <= MAX_MATRIX_ENTRIES:  # every class's matrix in one gather (cached per weight)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), stride, padding, dilation, ext_h, ext_w,
+               lho, lwo, dh_min, dw_min, span_w, tuple(classes.tolist()))
+        mats = cache.get(key) if cache is not None else None
+        if mats is None:
+            mats = _class_matrices(w_ext, qh, qw)
+            if cache is not None:
+                if len(cache) >= 4:  # a few entries per layer: the classes repeat from call to call
+                    cache.clear()
+                cache[key] = mats
+    win = win.index_select(0, order)
+    local = a.new_empty(S, B, n_out)
+    start = 0
+    for g, count in enumerate(counts.tolist()):
+        if mats is not None:
+            m = mats[g]
+        else:
+            m = w_ext[:, :, qh[g].view(ext_h, 1, lho, 1), qw[g].view(1, ext_w, 1, lwo)]  # (C', C, Eh, Ew, Lh, Lw)
+            m = m.permute(2, 3, 1, 0, 4, 5).reshape(k_in, n_out)
+        torch.matmul(win[start : start + count], m, out=local[start : start + count])
+        start += count
+    local = local.index_select(0, torch.argsort(order))  # back to the rows' order
+    if lho == ho and lwo == wo and not bool(oh0.any()) and not bool(ow0.any()):  # full-plane windows
+        return local.view(S, B, cout, ho, wo)
     # write back into a zero plane; window outputs past the plane go to one extra, discarded slot
     oh = oh0.view(S, 1) + torch.arange(lho, device=dev).view(1, lho)  # (S, Lh)
     ow = ow0.view(S, 1) + torch.arange(lwo, device=dev).view(1, lwo)
@@ -125,12 +172,27 @@ def conv2d_rows(
     return out[:-1].view(S, B, cout, ho, wo)
 
 
-def _taps(delta: int, ext: int, length: int, k: int, s: int, d: int, device) -> torch.Tensor:
-    """(ext, length) kernel tap q = (e + delta - s t) / d of input e for output t of a window, or k
-    (the zero tap) where that is not an integer in [0, k)."""
-    e = torch.arange(ext, device=device).view(ext, 1)
-    t = torch.arange(length, device=device).view(1, length)
-    num = e + delta - s * t
+def _class_matrices(w_ext: torch.Tensor, qh: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """(G, Eh Ew C, C' Lh Lw): entry [g, (e, e', c), (c', t, t')] = w_ext[c', c, qh[g, e, t], qw[g, e', t']]
+    (one flat gather, built directly in that layout)."""
+    cout, cin, kh1, kw1 = w_ext.shape
+    g, eh, lh = qh.shape
+    ew, lw = qw.shape[1], qw.shape[2]
+    qh = qh.view(g, eh, 1, 1, 1, lh, 1)
+    qw = qw.view(g, 1, ew, 1, 1, 1, lw)
+    cc = (torch.arange(cout, device=w_ext.device).view(1, 1, 1, 1, cout, 1, 1) * cin
+          + torch.arange(cin, device=w_ext.device).view(1, 1, 1, cin, 1, 1, 1))
+    idx = (cc * kh1 + qh) * kw1 + qw  # (G, Eh, Ew, C, C', Lh, Lw)
+    return w_ext.reshape(-1)[idx.reshape(-1)].view(g, eh * ew * cin, cout * lh * lw)
+
+
+def _taps_all(delta: torch.Tensor, ext: int, length: int, k: int, s: int, d: int) -> torch.Tensor:
+    """(G, ext, length) kernel tap q = (e + delta_g - s t) / d of input e for output t of a window, per
+    offset class g, or k (the zero tap) where that is not an integer in [0, k)."""
+    dev = delta.device
+    e = torch.arange(ext, device=dev).view(1, ext, 1)
+    t = torch.arange(length, device=dev).view(1, 1, length)
+    num = e + delta.view(-1, 1, 1) - s * t
     q = torch.div(num, d, rounding_mode="floor")
     ok = (num >= 0) & (num % d == 0) & (q < k)
     return torch.where(ok, q, torch.full_like(q, k))
