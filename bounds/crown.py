@@ -228,7 +228,7 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
 @retained_heap()
 def crown_gradient(
     chain, center, box, eps_rows, norm, onehot, factor_list, times_input, group, chunk, supplied=None,
-    spec=None, optimize: int = 0,
+    spec=None, optimize: int = 0, sides: str = "both",
 ):
     """CROWN on ``GradNet``: box on d f_y/dx (times x if ``times_input``), shape (rows, *in_shape).
 
@@ -238,7 +238,11 @@ def crown_gradient(
     are handed to auto_LiRPA as intermediate bounds (sound; skips one CROWN pass per node, leaving
     only the pass for the output).  None: auto_LiRPA computes every intermediate bound by CROWN.
     ``optimize`` > 0: alpha-CROWN, that many projected Adam steps on the relaxations for this spec
-    (``alpha_crown.optimize_bounds``; lower and upper bounds optimised separately, best iterate kept)."""
+    (``alpha_crown.optimize_bounds``; lower and upper bounds optimised separately, best iterate kept).
+    ``sides``: "both", or "upper" (plain CROWN only: the output's lower bounds are not computed and come
+    back as -inf; intermediate bounds are two-sided as always)."""
+    if sides not in ("both", "upper"):
+        raise ValueError(f"sides must be 'both' or 'upper', got {sides!r}")
     if not times_input and not any(isinstance(op, (Act, MaxPool)) for op in chain.ops):
         # an affine net's gradient is a constant: auto_LiRPA 0.3 broadcasts it over (rows x rows) (slow,
         # wrong shape); the callers' interval box is exact there
@@ -290,8 +294,11 @@ def crown_gradient(
                                                      per_spec)
             else:
                 lb, ub = bm.compute_bounds(
-                    x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None
+                    x=tuple(args), C=c_rows, method="CROWN", intermediate_layer_bounds=inter or None,
+                    bound_lower=sides == "both",
                 )
+                if sides == "upper":
+                    lb = torch.full_like(ub, -float("inf"))
         shape = (-1, *chain.in_shape) if spec is None else (-1, spec.shape[1])
         rows = sl.stop - sl.start
         if lb.numel() != rows * int(np.prod(shape[1:])) or ub.numel() != lb.numel():

@@ -32,8 +32,8 @@ for any row c, an upper bound on c . a' of the form (F) with an elementwise floa
   product with x').
 
 Only upper bounds of the rows are used (the numerator's lower bound is the upper bound of -g0), so the
-CROWN pass is one-sided (``ONE_SIDED``: auto_LiRPA's ``bound_lower=False``; the lower side of every
-auto_LiRPA call of the pass is skipped, its returned lower bound is -inf, unused; alpha-CROWN passes
+CROWN pass is one-sided (``ONE_SIDED``: ``crown.crown_gradient(..., sides="upper")``, auto_LiRPA's
+``bound_lower=False`` for the output rows; the returned lower bound is -inf, unused; alpha-CROWN passes
 keep both sides, their optimisation runs inside ``alpha_crown``).
 
 1. Euclidean (the "chord" bound).  For any vector c and every coordinate j, t -> (t - g0_j)^2 - c_j t
@@ -71,7 +71,6 @@ covered as in the box (``floatsafe``: u includes depth x 2^-53 in E).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -103,33 +102,6 @@ class ObjectiveBounds:
     rows: int
 
 
-@contextlib.contextmanager
-def _upper_only(active: bool):
-    """While active: auto_LiRPA CROWN calls with a spec C that ask for both sides compute the upper side
-    only (``bound_lower=False``) and return -inf as the lower bound (``crown.crown_gradient`` has no
-    one-sided flag; the lower bounds are never read here).  Restored on exit."""
-    if not active:
-        yield
-        return
-    from .lirpa_compat import import_auto_lirpa
-
-    cls = import_auto_lirpa().BoundedModule
-    orig = cls.__dict__["compute_bounds"]
-
-    def compute_bounds(self, *args, bound_lower=True, bound_upper=True, **kw):
-        if not (bound_lower and bound_upper) or kw.get("C") is None or kw.get("return_A") \
-                or str(kw.get("method", "")).lower() != "crown":
-            return orig(self, *args, bound_lower=bound_lower, bound_upper=bound_upper, **kw)
-        _, ub = orig(self, *args, bound_lower=False, bound_upper=True, **kw)
-        return torch.full_like(ub, -float("inf")), ub
-
-    cls.compute_bounds = compute_bounds
-    try:
-        yield
-    finally:
-        cls.compute_bounds = orig
-
-
 def _spec_bounds(crown_args: dict, spec: torch.Tensor, extra: dict | None,
                  upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds of the m rows of ``spec`` (rows, m, n); the chunk shrinks when m > n (memory).
@@ -140,8 +112,8 @@ def _spec_bounds(crown_args: dict, spec: torch.Tensor, extra: dict | None,
     n, m = spec.shape[2], spec.shape[1]
     if m > n:
         args["chunk"] = max(1, int(args.get("chunk", 1)) * n // m)
-    with _upper_only(upper_only and not args.get("optimize")):
-        return crown.crown_gradient(**args, spec=spec)
+    one_sided = upper_only and not args.get("optimize")
+    return crown.crown_gradient(**args, spec=spec, sides="upper" if one_sided else "both")
 
 
 def spec_upper(crown_args: dict, spec: torch.Tensor, attribution: str, extra: dict | None = None) -> torch.Tensor:
