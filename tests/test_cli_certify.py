@@ -218,3 +218,17 @@ def test_certify_alpha_crown_is_at_least_as_tight_as_crown(tiny_ckpt, tmp_path):
         _, header, body = _read(out)
         rows[method] = [float(r[header.index("euclidean")]) for r in body]
     assert all(a <= c * (1 + 1e-9) for a, c in zip(rows["alpha-crown"], rows["crown"]))
+
+
+@pytest.mark.parametrize("mode", ["crown", "alpha-beta"])
+def test_certify_complete_subdomain_bound(tiny_ckpt, tmp_path, mode):
+    """``--subdomain-bound`` reaches complete_bound and is recorded; both modes give lower <= upper."""
+    out = tmp_path / f"sub-{mode}.tsv"
+    rc = main(["certify", str(tiny_ckpt), "--dataset", "mnist", "--n", "2", "--bound", "complete", "--norm", "inf",
+               "--eps", "0.005", "--budget", "1", "--subdomain-bound", mode, "--out", str(out), "--no-progress"])
+    assert rc == 0
+    comments, header, rows = _read(out)
+    assert any(f"subdomain_bound {mode}" in c for c in comments)
+    for row in rows:
+        rec = dict(zip(header, row))
+        assert float(rec["lower"]) <= float(rec["euclidean"]) + 1e-9

@@ -114,7 +114,8 @@ BOUND_PARAMS: dict[str, dict[str, tuple]] = {
     "smoothed": {"radius": _POS_FLOAT, "n_samples": _POS_INT,
                  "alpha": (float, lambda v: 0 < v < 1, "a number in (0, 1)")},
     "complete": {"budget_s": _POS_FLOAT, "tol": _POS_FLOAT, "objective": _choice("euclidean", "cosine"),
-                 "branching": _choice("auto", "phases", "input"), "ig_steps": _POS_INT},
+                 "branching": _choice("auto", "phases", "input"), "ig_steps": _POS_INT,
+                 "subdomain_bound": _choice("auto", "crown", "alpha-beta")},
 }
 # arguments the runner sets itself: never allowed in params
 RESERVED = frozenset({"model", "x", "y", "eps", "norm", "attribution", "target", "restarts", "seed", "domain"})

@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--branching", default="auto", choices=("auto", "phases", "input"),
                    help="complete: branch on ReLU phases, on input boxes (any network, norm, attribution), "
                         "or auto: phases where they apply, else input (default auto)")
+    p.add_argument("--subdomain-bound", default="auto", choices=("auto", "crown", "alpha-beta"),
+                   help="complete, phase branching: pre-activation bounds of each subdomain by CROWN or "
+                        "alpha-beta-CROWN under the splits; auto: alpha-beta up to 1000 ReLUs (default auto)")
     p.add_argument("--radius", type=float, default=None, help="smoothed: smoothing radius r (default 2*eps)")
     p.add_argument("--n-samples", type=int, default=1000, help="smoothed: Monte Carlo samples (default 1000)")
     p.add_argument("--alpha", type=float, default=0.001, help="smoothed: failure probability (default 0.001)")
@@ -125,7 +128,7 @@ def _bound_batch(args, model, xb):
         try:
             return complete_bound(model, xb, args.eps, args.norm, args.attribution, budget_s=args.budget,
                                   tol=args.tol, seed=args.seed, branching=args.branching,
-                                  ig_steps=args.ig_steps)
+                                  ig_steps=args.ig_steps, subdomain_bound=args.subdomain_bound)
         except ValueError as exc:
             raise CertattrError(str(exc)) from None
     if args.bound == "certified":
@@ -203,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.bound == "certified":
             extra = f" method {args.method}"
         elif args.bound == "complete":
-            extra = f" budget_s {args.budget:g} tol {args.tol:g} branching {args.branching}"
+            extra = (f" budget_s {args.budget:g} tol {args.tol:g} branching {args.branching}"
+                     f" subdomain_bound {args.subdomain_bound}")
         out.write(
             f"# dataset {args.dataset} test[{args.start}:{args.start + n}] bound {args.bound}{extra} "
             f"norm {args.norm} eps {args.eps:g} attribution {args.attribution} ig_steps {args.ig_steps} "
