@@ -16,8 +16,10 @@ run campaign  python benchmarks/bench_campaign.py
 run trainers  python benchmarks/bench_trainers.py --out benchmarks/results/trainers.md
 run train     python benchmarks/bench_train.py --models cnn-small --epochs 3
 run complete  python benchmarks/bench_complete.py --per-config 5 --certified --hard
-own complete_mnist python benchmarks/bench_complete_mnist.py --fresh --nets mlp,cnn --norms inf,2 --budgets 1,10,60
+own complete_mnist python benchmarks/bench_complete_mnist.py --fresh --nets mlp,cnn --norms inf,2 --eps-inf 0.002,0.005 --eps-2 0.03 --budgets 1,10,60 --images 8
 own complete_input python benchmarks/bench_complete_input.py
+own complete_beta python benchmarks/bench_complete_beta.py --per-config 3 --hard --mnist
+own complete_maxpool python benchmarks/bench_complete_maxpool.py --eps 0.01 0.03 0.05
 run certtrain python benchmarks/bench_certtrain.py --out benchmarks/results/certtrain.md
 # the demo (issue 11): both nets, l_inf and l_2, every bound vs the attacks on the function it bounds;
 # compare table and times in benchmarks/results/demo.txt; models, store and report (index.html) in
