@@ -9,7 +9,8 @@ error with which a float32 caller computes ||x' - x||_p, so every point a caller
    taken on [l - 2E, u + 2E]: the ReLU phase (relu'(0) = 0), the max-pool routing (first maximum),
    the label (certified iff the margin's lower bound exceeds 2 (E_y + E_j) for every j);
 3. derivative-factor boxes from the widened bounds, then the interval backward pass (``gradient_box``)
-   and, for method "crown", CROWN on ``GradNet`` (``crown.crown_gradient``), intersected (method
+   and, for method "crown", CROWN on ``GradNet`` (``crown.crown_gradient``; its upstream-gradient
+   nodes bounded by CROWN ∩ the interval pass's boxes, ``crown.FULL_CROWN``), intersected (method
    "alpha-crown": alpha-CROWN in steps 1 and 3, ``alpha_crown``);
 4. the final box widened by 2 x ``floatsafe.backward_error`` (the float evaluation of the backward
    pass, the product with x for gradient x input, the mean over path points for IG).
@@ -25,6 +26,7 @@ import torch
 
 from . import crown
 from .alpha_crown import ALPHA_ITERS
+from .crown_upstream import upstream_rows
 from .floatsafe import (
     COMPUTE_DTYPE,
     MARGIN_FACTOR,
@@ -187,14 +189,17 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
                                      times_input, group, chunk_size, sizes, model_dtype)
             if method == "alpha-crown":  # optimised for this objective (and any later spec rows)
                 crown_args["optimize"] = alpha_iters
+            tightened: dict = {}
             try:
-                clo, chi = crown.crown_gradient(**crown_args)
+                clo, chi = crown.crown_gradient(**crown_args, tightened=tightened)
             except _LIRPA_ERRORS as exc:  # the optimisation failed: CROWN's box (sound)
                 if not crown_args.get("optimize"):
                     raise
                 details["alpha_gradient_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 crown_args["optimize"] = 0
-                clo, chi = crown.crown_gradient(**crown_args)
+                clo, chi = crown.crown_gradient(**crown_args, tightened=tightened)
+            if crown_args.get("upstream_crown"):  # later spec passes reuse the CROWN ∩ interval boxes
+                _reuse_tightened(crown_args, tightened, details)
             clo, chi = _no_nan(clo, chi)
             if state is not None:
                 state["crown_args"] = crown_args
@@ -258,11 +263,29 @@ def _crown_args(chain, center, sbox, eps_rows, norm, tr, wide, factors, upstream
     biggest = max(sizes)
     # bytes per sample: about 24 live float64 copies of the largest (n, size) coefficient matrix
     # (measured in BoundMul's relaxation), plus (size, size) ones when auto_LiRPA computes the
-    # intermediate bounds itself
-    per_sample = 8 * 24 * (n * biggest + (biggest * biggest if crown.FULL_CROWN else 0))
+    # intermediate bounds itself ("intersect": (rows, size) for the upstream nodes it bounds)
+    extra = {True: biggest, "intersect": upstream_rows(chain)}.get(crown.FULL_CROWN, 0)
+    per_sample = 8 * 24 * (n * biggest + biggest * extra)
     grad_chunk = chunk_size or max(1, int(crown.MEMORY_BUDGET / per_sample))
-    supplied = None if crown.FULL_CROWN else (wide, upstream, gbox)
+    supplied = None if crown.FULL_CROWN is True else (wide, upstream, gbox)
     return {
         "chain": chain, "center": center, "box": sbox, "eps_rows": eps_rows, "norm": norm, "onehot": onehot,
         "factor_list": flist, "times_input": times_input, "group": group, "chunk": grad_chunk, "supplied": supplied,
+        "upstream_crown": crown.FULL_CROWN == "intersect",
     }
+
+
+def _reuse_tightened(crown_args: dict, tightened: dict, details: dict) -> None:
+    """``crown.FULL_CROWN == "intersect"``: the upstream-gradient boxes CROWN ∩ interval of the first pass
+    replace the interval ones in ``supplied`` (both sound for the same rows), and later passes (spec rows)
+    take them as fixed intermediate bounds instead of recomputing them."""
+    wide, upstream, gbox = crown_args["supplied"]
+    if tightened:
+        tightened = {i: (lo.reshape(upstream[i][0].shape), hi.reshape(upstream[i][1].shape))
+                     for i, (lo, hi) in tightened.items()}
+        narrowed = [float((hi - lo).sum()) for lo, hi in tightened.values()]
+        before = [float((upstream[i][1] - upstream[i][0]).sum()) for i in tightened]
+        details["upstream_width_ratio"] = sum(narrowed) / max(sum(before), 1e-300)
+        upstream = {**upstream, **tightened}
+    crown_args["supplied"] = (wide, upstream, gbox)
+    crown_args["upstream_crown"] = False

@@ -151,18 +151,28 @@ def attack(
     else:
         start = torch.cat([cand[order], cand[1 + torch.randint(cand.shape[0] - 1, (extra,), generator=rng)]])
     z = project(start, xl, xu, DT, ball) if ball is not None else start.clone()
+    return _pgd(model, mlp, z, xl, xu, target, obj, shape, dtype, steps, step, ball, best, best_pt)
+
+
+def _pgd(model, mlp, z, xl, xu, target, obj, shape, dtype, steps, step, ball, best, best_pt, splits=None):
+    """PGD chains from z (P, n) float64 on the softplus-surrogate badness (beta annealed 10 -> 50),
+    plus, with ``splits``, 2 x the normalised descent direction of the split hinge (``_hinge``); sign
+    steps (l_inf) or normalised steps projected to ball ∩ box (l2).  Every sixth iterate is projected to
+    ``dtype`` and scored on the real network; returns the best (badness, point) including (best, best_pt)."""
     for it in range(steps):
         beta = 10.0 * (1 + 4 * it / max(steps - 1, 1))
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = obj.surrogate_loss(_surrogate_grad(mlp, z, target, beta))
             (grad,) = torch.autograd.grad(loss, z)
+            if splits is not None:
+                (g_h,) = torch.autograd.grad(_hinge(mlp, z, splits).sum(), z)
+                grad = _unit(grad) - 2 * _unit(g_h)
         lr = step * (1 - it / steps) + 1e-3 * step
         if ball is None:
             z = torch.minimum(torch.maximum(z.detach() + lr * grad.sign(), xl), xu)
         else:
-            gn = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            z = project(z.detach() + lr * gn, xl, xu, DT, ball)
+            z = project(z.detach() + lr * _unit(grad), xl, xu, DT, ball)
         if it % 6 == 5 or it == steps - 1:
             pts = project(z, xl, xu, dtype, ball)
             dev, _ = real_badness(model, pts, target, obj, shape)
@@ -215,24 +225,5 @@ def subdomain_attack(
     best, best_pt = -float("inf"), None
     if step <= 0 or starts.shape[0] == 0:
         return best, best_pt
-    z = starts.clone()
-    for it in range(steps):
-        beta = 10.0 * (1 + 4 * it / max(steps - 1, 1))
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            up = obj.surrogate_loss(_surrogate_grad(mlp, z, target, beta))
-            (g_up,) = torch.autograd.grad(up, z)
-            (g_h,) = torch.autograd.grad(_hinge(mlp, z, splits).sum(), z)
-        direction = _unit(g_up) - 2 * _unit(g_h)
-        lr = step * (1 - it / steps) + 1e-3 * step
-        if ball is None:
-            z = torch.minimum(torch.maximum(z.detach() + lr * direction.sign(), xl), xu)
-        else:
-            z = project(z.detach() + lr * _unit(direction), xl, xu, DT, ball)
-        if it % 6 == 5 or it == steps - 1:
-            pts = project(z, xl, xu, dtype, ball)
-            dev, _ = real_badness(model, pts, target, obj, shape)
-            i = int(dev.argmax())
-            if float(dev[i]) > best:
-                best, best_pt = float(dev[i]), pts[i].clone()
-    return best, best_pt
+    return _pgd(model, mlp, starts.clone(), xl, xu, target, obj, shape, dtype, steps, step, ball, best, best_pt,
+                splits)
