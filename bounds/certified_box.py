@@ -190,6 +190,13 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
             if method == "alpha-crown":  # optimised for this objective (and any later spec rows)
                 crown_args["optimize"] = alpha_iters
             tightened: dict = {}
+            plain = None
+            if crown_args.get("optimize") and crown_args.get("upstream_crown"):
+                # alpha-CROWN starts from the plain CROWN pass's upstream boxes (CROWN ∩ interval) and its
+                # box is intersected with that pass's: never looser than method "crown"
+                plain = crown.crown_gradient(**{**crown_args, "optimize": 0}, tightened=tightened)
+                _reuse_tightened(crown_args, tightened, details)
+                tightened = {}
             try:
                 clo, chi = crown.crown_gradient(**crown_args, tightened=tightened)
             except _LIRPA_ERRORS as exc:  # the optimisation failed: CROWN's box (sound)
@@ -200,6 +207,8 @@ def bound_box(model, chain, x, target, eps, norm, attribution, method, domain, s
                 clo, chi = crown.crown_gradient(**crown_args, tightened=tightened)
             if crown_args.get("upstream_crown"):  # later spec passes reuse the CROWN ∩ interval boxes
                 _reuse_tightened(crown_args, tightened, details)
+            if plain is not None:
+                clo, chi = torch.maximum(clo, plain[0]), torch.minimum(chi, plain[1])
             clo, chi = _no_nan(clo, chi)
             if state is not None:
                 state["crown_args"] = crown_args

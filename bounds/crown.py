@@ -182,9 +182,9 @@ def _crown_forward_mode(chain, center, box, eps_rows, norm, target, group, chunk
     def build():
         net = ForwardNet(chain, identity_stem=identity)
         # every neuron's intermediate bound by CROWN (auto_LiRPA's sparse mode bounds only the neurons that
-        # IBP finds unstable in *some* row of the call, so a row's bounds depended on the other rows)
-        opts = {"conv_mode": mode, "sparse_intermediate_bounds": optimize > 0,
-                "sparse_conv_intermediate_bounds": optimize > 0}
+        # IBP finds unstable in *some* row of the call, so a row's bounds depended on the other rows, and
+        # alpha-CROWN's iterate 0 could start looser than method "crown")
+        opts = {"conv_mode": mode, "sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False}
         return al.BoundedModule(net, (center[:1],), bound_opts=opts, device=center.device, verbose=False)
 
     # optimised modules are kept apart (alpha-CROWN leaves slope parameters on their nodes)
