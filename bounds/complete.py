@@ -129,6 +129,39 @@ class CompleteResult(BoundResult):
     stop_reason: list[str] = field(default_factory=list)
     attribution_at_x: torch.Tensor | None = None
 
+    @classmethod
+    def from_samples(cls, per: list[dict], objective: str, g_x: torch.Tensor, witness: torch.Tensor,
+                     lp_calls: torch.Tensor, **meta) -> CompleteResult:
+        """The result of either engine from its per-sample dicts (lower, upper, label, details, subdomains,
+        stop): ``euclidean`` = upper and the tangent cosine bound for objective "euclidean"; for "cosine"
+        the certified cosine is ``lower`` and the Euclidean bound is +inf (a cosine bound says nothing
+        finite about it).  ``meta``: kind-independent fields (norm, eps, attribution, target, time, method)."""
+        lower = torch.tensor([p["lower"] for p in per], dtype=DT)
+        upper = torch.tensor([p["upper"] for p in per], dtype=DT)
+        if objective == "euclidean":
+            norm_g = g_x.flatten(1).to(DT).norm(dim=1)
+            euclid = upper
+            cosine = torch.where(upper == 0, torch.ones_like(upper), tangent_cosine(upper, norm_g))
+        else:
+            euclid, cosine = torch.full_like(lower, float("inf")), lower
+        return cls(
+            kind="complete",
+            euclidean=euclid,
+            cosine=cosine,
+            label_certified=torch.tensor([p["label"] for p in per]),
+            network="real",
+            details={"per_sample": [p["details"] for p in per]},
+            lower=lower,
+            upper=upper,
+            gap=upper - lower,
+            witness=witness,
+            subdomains=torch.tensor([p["subdomains"] for p in per]),
+            lp_calls=lp_calls,
+            stop_reason=[p["stop"] for p in per],
+            attribution_at_x=g_x,
+            **meta,
+        )
+
     def rows(self) -> list[dict]:
         out = super().rows()
         for i, row in enumerate(out):
@@ -263,35 +296,18 @@ def complete_bound(
         ]
     finally:
         torch.set_num_threads(saved_threads)
-    lower = torch.tensor([p["lower"] for p in per], dtype=DT)
-    upper = torch.tensor([p["upper"] for p in per], dtype=DT)
-    norm_g = g_x.flatten(1).to(DT).norm(dim=1)
-    if objective == "euclidean":
-        euclid = upper
-        cosine = torch.where(upper == 0, torch.ones_like(upper), tangent_cosine(upper, norm_g))
-    else:  # a cosine bound says nothing finite about the Euclidean deviation
-        euclid, cosine = torch.full_like(lower, float("inf")), lower
-    return CompleteResult(
-        kind="complete",
+    return CompleteResult.from_samples(
+        per,
+        objective,
+        g_x,
+        torch.stack([p["witness"] for p in per]).reshape(x.shape),
+        torch.tensor([p["lp_calls"] for p in per]),
         norm=norm,
         eps=eps,
         attribution=attribution,
-        euclidean=euclid,
-        cosine=cosine,
-        label_certified=torch.tensor([p["label"] for p in per]),
         target=target,
         time=time.perf_counter() - t0,
         method="bab",
-        network="real",
-        details={"per_sample": [p["details"] for p in per]},
-        lower=lower,
-        upper=upper,
-        gap=upper - lower,
-        witness=torch.stack([p["witness"] for p in per]).reshape(x.shape),
-        subdomains=torch.tensor([p["subdomains"] for p in per]),
-        lp_calls=torch.tensor([p["lp_calls"] for p in per]),
-        stop_reason=[p["stop"] for p in per],
-        attribution_at_x=g_x,
     )
 
 

@@ -194,36 +194,19 @@ def input_branch_bound(
         per = [_one_sample(model, chain, x[i : i + 1], int(target[i]), gen, **opts) for i in range(x.shape[0])]
     finally:
         torch.set_num_threads(saved)
-    lower = torch.tensor([p["lower"] for p in per], dtype=DT)
-    upper = torch.tensor([p["upper"] for p in per], dtype=DT)
     g_x = torch.cat([p["g0"] for p in per])
-    if objective == "euclidean":
-        norm_g = g_x.flatten(1).to(DT).norm(dim=1)
-        euclid = upper
-        cosine = torch.where(upper == 0, torch.ones_like(upper), tangent_cosine(upper, norm_g))
-    else:
-        euclid, cosine = torch.full_like(lower, float("inf")), lower
-    return CompleteResult(
-        kind="complete",
+    return CompleteResult.from_samples(
+        per,
+        objective,
+        g_x,
+        torch.cat([p["witness"] for p in per]).reshape(x.shape),
+        torch.zeros(x.shape[0], dtype=torch.long),
         norm=norm,
         eps=eps,
         attribution=attribution,
-        euclidean=euclid,
-        cosine=cosine,
-        label_certified=torch.tensor([p["label"] for p in per]),
         target=target,
         time=time.perf_counter() - t0,
         method="input-bab",
-        network="real",
-        details={"per_sample": [p["details"] for p in per]},
-        lower=lower,
-        upper=upper,
-        gap=upper - lower,
-        witness=torch.cat([p["witness"] for p in per]).reshape(x.shape),
-        subdomains=torch.tensor([p["subdomains"] for p in per]),
-        lp_calls=torch.zeros(x.shape[0], dtype=torch.long),
-        stop_reason=[p["stop"] for p in per],
-        attribution_at_x=g_x,
     )
 
 
