@@ -15,31 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fast_crown_ops import _dense, _local_rows
 from torch import nn
 
 from bounds import certified_bound, heap
 from bounds import windowed_conv as wc
 from bounds.gradgraph import GradNet, parse_chain
-
-
-def _local_rows(S, B, C, H, W, gen, max_extent=3):
-    a = torch.randn(S, B, C, H, W, dtype=torch.float64, generator=gen)
-    mask = torch.zeros(S, 1, 1, H, W, dtype=torch.bool)
-    for j in range(S):
-        if j == 1:  # an empty row
-            continue
-        h0 = int(torch.randint(0, H, (1,), generator=gen))
-        w0 = int(torch.randint(0, W, (1,), generator=gen))
-        hh = int(torch.randint(1, max_extent + 1, (1,), generator=gen))
-        ww = int(torch.randint(1, max_extent + 1, (1,), generator=gen))
-        mask[j, 0, 0, h0 : h0 + hh, w0 : w0 + ww] = True
-    return a * mask
-
-
-def _dense(a, w, s, p, d):
-    S, B = a.shape[:2]
-    out = F.conv2d(a.reshape(S * B, *a.shape[2:]), w, None, s, p, d)
-    return out.view(S, B, *out.shape[1:])
 
 
 def test_conv2d_rows_full_plane_mode_and_cache():
