@@ -61,6 +61,18 @@ def _net(n: int, h: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
     return net, torch.rand(1, n)
 
 
+def _hard_net(n: int, hidden: tuple, seed: int = 7) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A ReLU MLP n-hidden-10 of the --hard list (seeded) and a random input."""
+    torch.manual_seed(seed)
+    layers: list = []
+    width = n
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).eval()
+    return net, torch.rand(1, n)
+
+
 def mccormick(out_path: pathlib.Path) -> None:
     """certified_bound(method="crown") with BoundMul's fixed McCormick planes vs the mixed ones
     (``lirpa_compat.BoundProduct.MIX``): mean box width, Euclidean bound, time, and soundness under
@@ -211,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1])
         for n, hidden, eps in HARD:
-            torch.manual_seed(7)
-            layers: list = []
-            width = n
-            for h in hidden:
-                layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
-                width = h
-            net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).eval()
-            x = torch.rand(1, n)
+            net, x = _hard_net(n, hidden)
             t0 = time.perf_counter()
             r = complete_bound(net, x, eps, budget_s=args.budget, tol=args.tol)
             dt = time.perf_counter() - t0

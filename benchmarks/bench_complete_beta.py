@@ -34,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_complete import CONFIGS, HARD, _net
+from bench_complete import CONFIGS, HARD, _hard_net, _net
 
 from bounds.complete import complete_bound
 
@@ -113,14 +113,7 @@ def random_mlps(args, log) -> None:
 def hard(args, log) -> None:
     log(f"harder nets (bench_complete --hard), budget {args.budget:g} s: relative gap, subdomains, subd/s")
     for n, hidden, eps in HARD:
-        torch.manual_seed(7)
-        layers: list = []
-        width = n
-        for h in hidden:
-            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
-            width = h
-        net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).eval()
-        x = torch.rand(1, n)
+        net, x = _hard_net(n, hidden)
         row = []
         for m in MODES:
             r = _run(net, x, eps, args.budget, m, 0)
