@@ -16,6 +16,7 @@ import pytest
 import torch
 from exact_oracle import exact_saliency_range
 from soundness_fuzz import pgd, project, sample_points, smooth_surrogate
+from test_bounds_complete import _mlp
 from torch import nn
 
 from bounds import complete_bound
@@ -108,17 +109,6 @@ def test_cnn_oracle_agreement(pool, eps, seed):
     assert r.stop_reason[0] == "gap closed"
     assert up <= ex * 1.01 + 2 * widen
     _check_witness(net, r, x, eps, "inf")
-
-
-def _mlp(n, hidden, seed, classes=3):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = n
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, classes))
-    return nn.Sequential(*layers).eval()
 
 
 @pytest.mark.parametrize("n,hidden,eps,seed", [(8, (16, 16), 0.2, 0), (12, (16, 16), 0.15, 1)])
